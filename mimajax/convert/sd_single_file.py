@@ -38,13 +38,15 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mimajax.convert.errors import CheckpointKeyError
+from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
 
 __all__ = [
     "CheckpointKeyError",
     "LDM_UNET_PREFIX",
     "LDM_VAE_PREFIX",
+    "load_models",
     "load_single_file",
+    "save_models",
     "save_single_file",
     "unet_diffusers_to_ldm",
     "unet_expected_shapes",
@@ -763,7 +765,14 @@ def load_single_file(
     otherwise :class:`CheckpointKeyError` is raised.
     """
     path = os.fspath(path)
-    reader = _Reader(path)
+    if not os.path.isfile(path):
+        raise CheckpointReadError(f"no checkpoint file at {path}")
+    try:
+        reader = _Reader(path)
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors / pickle errors for truncated or foreign files
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     keys = reader.keys()
 
     unet = vae = None
@@ -788,4 +797,42 @@ def load_single_file(
         state = {k: reader.get(full) for k, full in sub.items()}
         vae = _convert(state, _vae_entries(c), to_ldm=False, what="VAE", summary=_vae_summary(c),
                        key_prefix=prefix, note=note)
+    return unet, vae
+
+
+# mimajax models
+# --------------------------------------------------------------------------------------
+
+
+def save_models(path: str | os.PathLike, unet=None, vae=None) -> None:
+    """Write mimajax U-Net and/or VAE models as one original-layout SD ``.safetensors`` file."""
+    from mimajax.convert import diffusers_format as df
+
+    save_single_file(
+        path,
+        unet_state=df.unet_to_torch_state(unet) if unet is not None else None,
+        unet_config=unet.config.to_diffusers() if unet is not None else None,
+        vae_state=df.vae_to_torch_state(vae) if vae is not None else None,
+        vae_config=vae.config.to_diffusers() if vae is not None else None,
+    )
+
+
+def load_models(path: str | os.PathLike, unet_config=None, vae_config=None, *, dtype=None, attention_impl=None):
+    """``(unet, vae)`` mimajax models from an original-layout SD checkpoint; None for a part not asked for.
+
+    ``unet_config`` / ``vae_config`` are :class:`UNetConfig` / :class:`VAEConfig` (single files carry
+    no architecture, so it has to be given).
+    """
+    import jax.numpy as jnp
+
+    from mimajax.convert import diffusers_format as df
+
+    unet_state, vae_state = load_single_file(
+        path,
+        unet_config.to_diffusers() if unet_config is not None else None,
+        vae_config.to_diffusers() if vae_config is not None else None,
+    )
+    kw = dict(dtype=dtype or jnp.float32, attention_impl=attention_impl, assumed=f"the config given for {path}")
+    unet = df.unet_from_torch_state(unet_config, unet_state, **kw) if unet_state is not None else None
+    vae = df.vae_from_torch_state(vae_config, vae_state, **kw) if vae_state is not None else None
     return unet, vae

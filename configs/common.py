@@ -1,0 +1,80 @@
+"""Pieces every experiment config shares: model sizes, mesh, logical-axis rules.
+
+Configs are Python files with `get_config(arg)`; single values are overridden on the command
+line, e.g. `--config.model.unet.block_out_channels='(32, 64)'`.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from mimajax.models.unet_config import UNetConfig
+from mimajax.models.vae import VAEConfig
+
+
+def dataclass_config(dc) -> ml_collections.ConfigDict:
+  """A ConfigDict with a dataclass instance's fields (tuples stay tuples)."""
+  return ml_collections.ConfigDict({f.name: getattr(dc, f.name) for f in dataclasses.fields(dc)})
+
+
+def sd15_unet() -> ml_collections.ConfigDict:
+  """SD1.5's U-Net (runwayml/stable-diffusion-v1-5 unet/config.json)."""
+  return dataclass_config(UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8))
+
+
+def sd15_vae() -> ml_collections.ConfigDict:
+  """SD1.5's VAE (vae/config.json; the same for sd-vae-ft-mse)."""
+  return dataclass_config(VAEConfig())
+
+
+def tiny_unet() -> ml_collections.ConfigDict:
+  """A CPU-sized U-Net with every structural feature of SD1.5 (cross-attn and plain blocks, 2 layers)."""
+  return dataclass_config(UNetConfig(
+      sample_size=16, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
+      cross_attention_dim=32, attention_head_dim=4,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+
+
+def tiny_vae() -> ml_collections.ConfigDict:
+  return dataclass_config(VAEConfig(sample_size=64, block_out_channels=(32, 64), norm_num_groups=8,
+                                    layers_per_block=1))
+
+
+def noise_schedule() -> ml_collections.ConfigDict:
+  """SD1.x's DDPM training schedule."""
+  return ml_collections.ConfigDict(dict(
+      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+      prediction_type="epsilon"))
+
+
+# Logical parameter axes -> mesh axes. Activations are data-parallel over ("data", "fsdp").
+# Parameters are FSDP-sharded on their larger feature axis; "tensor" splits attention heads and MLPs.
+UNET_AXIS_RULES = (
+    ("embed", "fsdp"),
+    ("embed_out", None),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("norm", None),
+)
+# The VAE is small (84M) and activation-heavy: replicate its parameters, shard only the batch.
+VAE_AXIS_RULES = tuple((name, None) for name, _ in UNET_AXIS_RULES)
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  """config.model for `size` in {"tiny", "sd15"}."""
+  if size not in ("tiny", "sd15"):
+    raise ValueError(f"unknown model size {size!r}; expected 'tiny' or 'sd15'")
+  return ml_collections.ConfigDict(dict(
+      unet=tiny_unet() if size == "tiny" else sd15_unet(),
+      vae=tiny_vae() if size == "tiny" else sd15_vae(),
+      # "blockwise": memory-efficient, fastest on CPU; "xla": plain fused attention (GPU/TPU fp32);
+      # "cudnn": flash attention on NVIDIA GPUs (bf16/fp16 only).
+      attention_impl="blockwise" if size == "tiny" else "xla",
+      dtype="float32",  # compute dtype; parameters are always fp32
+      pretrained="",  # local diffusers pipeline folder (unet/, vae/) to start from
+  ))

@@ -1,0 +1,129 @@
+"""Benchmarks that print figures: the U-Net training step in mimajax against diffusers' PyTorch U-Net.
+
+A training step here is forward + backward of the epsilon-MSE loss with respect to every U-Net
+parameter (no optimizer update: identical work on both sides), jitted in JAX, timed after
+warm-up as the median over repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mimajax.models.unet_config import UNetConfig
+from mimajax.models.unet2d import UNet2DConditionModel
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; fp32 runs are reported against the same peak.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def device_peak_flops(device: jax.Device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, peak in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def _median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def unet_train_step_fn(model: UNet2DConditionModel):
+  """A jitted (params, batch) -> (loss, grads) function for the epsilon-MSE objective."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params, x, t, ctx, target):
+    m = nnx.merge(graphdef, params, rest)
+    pred = m(x, t, ctx)
+    return jnp.mean(jnp.square(pred - target))
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  return step, params
+
+
+def bench_unet(config: UNetConfig, *, batch: int, resolution: int, dtype=jnp.float32, attention_impl="xla",
+               warmup: int = 2, repeats: int = 5, compare_torch: bool = True, seed: int = 0,
+               log: Callable[[str], None] = print) -> dict[str, float]:
+  """Times one U-Net training step in JAX (and in PyTorch on the same config and batch)."""
+  side = resolution // 8  # latent side for an image of `resolution` pixels
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, side, side, config.in_channels), dtype=np.float32)
+  target = rng.standard_normal((batch, side, side, config.out_channels), dtype=np.float32)
+  t = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
+  ctx = rng.standard_normal((batch, 77, config.cross_attention_dim), dtype=np.float32)
+
+  model = UNet2DConditionModel(config, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(seed))
+  step, params = unet_train_step_fn(model)
+  args = tuple(jnp.asarray(a) for a in (x, t, ctx, target))
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  flops = None
+  try:
+    cost = step.lower(params, *args).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) or None
+  except Exception as e:  # cost analysis is best-effort on some backends
+    log(f"cost_analysis unavailable: {e}")
+
+  def run_jax():
+    loss, grads = step(params, *args)
+    jax.block_until_ready((loss, grads))
+
+  t_compile = time.perf_counter()
+  run_jax()
+  t_compile = time.perf_counter() - t_compile
+  jax_s = _median_time(run_jax, warmup, repeats)
+  device = jax.devices()[0]
+  result = {"jax_s": jax_s, "params": float(n_params), "compile_s": t_compile}
+  log(f"device: {device.platform} {getattr(device, 'device_kind', '')}; U-Net {n_params / 1e6:.1f}M params, "
+      f"block_out_channels={config.block_out_channels}, batch {batch} x {side}x{side}x{config.in_channels} latents "
+      f"({resolution}px), compute {jnp.dtype(dtype).name}")
+  log(f"jax   train step (fwd+bwd): {jax_s * 1e3:9.1f} ms median of {repeats}  (first call incl. compile {t_compile:.1f} s)")
+  if flops:
+    result["flops"] = flops
+    log(f"jax   step FLOPs (lowered cost analysis): {flops / 1e12:.3f} TFLOP")
+    peak = device_peak_flops(device)
+    if device.platform != "cpu":
+      result["images_per_s"] = batch / jax_s
+      log(f"images/s: {batch / jax_s:.2f}")
+      if peak:
+        result["mfu"] = flops / jax_s / peak
+        log(f"MFU: {100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s peak")
+  if compare_torch:
+    torch_s = _bench_torch_unet(config, x, t, ctx, target, warmup, repeats, seed)
+    result["torch_s"] = torch_s
+    log(f"torch train step (fwd+bwd): {torch_s * 1e3:9.1f} ms median of {repeats}")
+    result["ratio"] = jax_s / torch_s
+  return result
+
+
+def _bench_torch_unet(config: UNetConfig, x, t, ctx, target, warmup, repeats, seed) -> float:
+  import torch
+  from diffusers import UNet2DConditionModel as TorchUNet
+  torch.manual_seed(seed)
+  model = TorchUNet(**config.to_diffusers()).train()
+  xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
+  tt = torch.from_numpy(t.astype(np.int64))
+  ct = torch.from_numpy(ctx)
+  yt = torch.from_numpy(np.moveaxis(target, -1, 1).copy())
+
+  def run():
+    model.zero_grad(set_to_none=True)
+    loss = torch.mean((model(xt, tt, ct).sample - yt) ** 2)
+    loss.backward()
+
+  return _median_time(run, warmup, repeats)

@@ -1,0 +1,79 @@
+"""The `mimajax` command: parity checks and benchmarks (train, prepare, animate and export come later)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mimajax.parity import PARITY_TOLERANCE
+
+
+def _parity(args) -> int:
+  from mimajax import parity
+  fn = parity.COMPONENTS[args.component]
+  if args.component == "scheduler":
+    if args.pretrained:
+      print("--pretrained does not apply to --component scheduler (its config is SD1.5's)", file=sys.stderr)
+      return 2
+    err = fn(size=args.size, seed=args.seed)
+  else:
+    err = fn(size=args.size, pretrained=args.pretrained, seed=args.seed)
+  ok = err <= PARITY_TOLERANCE
+  print(f"{'PASS' if ok else 'FAIL'}: tolerance {PARITY_TOLERANCE:g} (fp32 relative L2)")
+  print(f"rel_err={err:.3e}")
+  return 0 if ok else 1
+
+
+def _bench(args) -> int:
+  import jax.numpy as jnp
+
+  from configs import common
+  from mimajax import bench
+  from mimajax.models.unet_config import UNetConfig
+  if args.what != "unet":
+    print(f"unknown benchmark {args.what!r}; expected 'unet'", file=sys.stderr)
+    return 2
+  cfg = UNetConfig(**common.model_config(args.size).unet.to_dict())
+  if args.block_out_channels:
+    cfg = cfg.replace(block_out_channels=tuple(int(c) for c in args.block_out_channels.split(",")))
+  result = bench.bench_unet(cfg, batch=args.batch, resolution=args.resolution,
+                            dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
+                            attention_impl=args.attention_impl, repeats=args.repeats,
+                            compare_torch=not args.no_torch)
+  if "ratio" in result:
+    print(f"ratio={result['ratio']:.3f}")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="mimajax", description=__doc__)
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("parity", help="compare a component against its PyTorch reference; last line rel_err=")
+  p.add_argument("--component", required=True, choices=["unet", "vae", "scheduler"])
+  p.add_argument("--size", default="tiny", choices=["tiny", "sd15"])
+  p.add_argument("--pretrained", default=None, help="local diffusers folder (pipeline or component)")
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(fn=_parity)
+
+  b = sub.add_parser("bench", help="time a training step against PyTorch; last line ratio=")
+  b.add_argument("what", choices=["unet"])
+  b.add_argument("--size", default="tiny", choices=["tiny", "sd15"], help="base U-Net config")
+  b.add_argument("--block-out-channels", default="", help="override, e.g. 128,256,256")
+  b.add_argument("--batch", type=int, default=2)
+  b.add_argument("--resolution", type=int, default=256, help="image pixels; latents are 1/8")
+  b.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 parameters)")
+  b.add_argument("--attention-impl", default="blockwise", choices=["xla", "cudnn", "blockwise"])
+  b.add_argument("--repeats", type=int, default=5)
+  b.add_argument("--no-torch", action="store_true", help="time JAX only (e.g. on a GPU without torch)")
+  b.set_defaults(fn=_bench)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  return args.fn(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
