@@ -116,3 +116,24 @@ def test_unet_rejects_bad_inputs_and_configs():
     UNetConfig(block_out_channels=(30, 60, 60, 60))
   with pytest.raises(ValueError, match="attention implementation 'flash'"):
     UNet2DConditionModel(cfg, attention_impl="flash", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 8, 8, 16), 3, 1, ((1, 1), (1, 1))),
+    ((1, 9, 7, 8), 3, 2, ((1, 1), (1, 1))),
+    ((1, 8, 8, 8), 3, 2, ((0, 1), (0, 1))),  # the VAE's asymmetric downsampling
+    ((1, 6, 6, 8), 1, 1, ((0, 0), (0, 0))),
+])
+def test_conv_implementations_agree(shape, kernel, stride, padding):
+  from mimajax.models.layers import Conv2D
+  x = jax.random.normal(jax.random.key(0), shape)
+  outs, grads = [], []
+  for impl in ("lax", "im2col"):
+    layer = Conv2D(shape[-1], 12, kernel, stride=stride, padding=padding, impl=impl, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer, nnx.Param)
+    f = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x)))
+    outs.append(layer(x))
+    grads.append(jax.grad(f, argnums=(0, 1))(params, x))
+  assert rel_err(outs[1], outs[0]) < 1e-6
+  for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[0])):
+    assert rel_err(a, b) < 1e-5
