@@ -29,37 +29,49 @@ def sd15_vae() -> ml_collections.ConfigDict:
 
 def tiny_unet() -> ml_collections.ConfigDict:
   """A CPU-sized U-Net with every structural feature of SD1.5 (cross-attn and plain blocks, 2 layers)."""
-  return dataclass_config(UNetConfig(
-      sample_size=16, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
-      cross_attention_dim=32, attention_head_dim=4,
+  return dataclass_config(
+    UNetConfig(
+      sample_size=16,
+      block_out_channels=(32, 64),
+      layers_per_block=2,
+      norm_num_groups=8,
+      cross_attention_dim=32,
+      attention_head_dim=4,
       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+  )
 
 
 def tiny_vae() -> ml_collections.ConfigDict:
-  return dataclass_config(VAEConfig(sample_size=64, block_out_channels=(32, 64), norm_num_groups=8,
-                                    layers_per_block=1))
+  return dataclass_config(VAEConfig(sample_size=64, block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1))
 
 
 def noise_schedule() -> ml_collections.ConfigDict:
   """SD1.x's DDPM training schedule."""
-  return ml_collections.ConfigDict(dict(
-      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-      prediction_type="epsilon"))
+  return ml_collections.ConfigDict(
+    dict(
+      num_train_timesteps=1000,
+      beta_start=0.00085,
+      beta_end=0.012,
+      beta_schedule="scaled_linear",
+      prediction_type="epsilon",
+    )
+  )
 
 
 # Logical parameter axes -> mesh axes. Activations are data-parallel over ("data", "fsdp").
 # Parameters are FSDP-sharded on their larger feature axis; "tensor" splits attention heads and MLPs.
 UNET_AXIS_RULES = (
-    ("embed", "fsdp"),
-    ("embed_out", None),
-    ("heads", "tensor"),
-    ("mlp", "tensor"),
-    ("conv_in", None),
-    ("conv_out", "fsdp"),
-    ("conv_height", None),
-    ("conv_width", None),
-    ("norm", None),
+  ("embed", "fsdp"),
+  ("embed_out", None),
+  ("heads", "tensor"),
+  ("mlp", "tensor"),
+  ("conv_in", None),
+  ("conv_out", "fsdp"),
+  ("conv_height", None),
+  ("conv_width", None),
+  ("norm", None),
 )
 # The VAE is small (84M) and activation-heavy: replicate its parameters, shard only the batch.
 VAE_AXIS_RULES = tuple((name, None) for name, _ in UNET_AXIS_RULES)
@@ -69,7 +81,8 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   """config.model for `size` in {"tiny", "sd15"}."""
   if size not in ("tiny", "sd15"):
     raise ValueError(f"unknown model size {size!r}; expected 'tiny' or 'sd15'")
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       unet=tiny_unet() if size == "tiny" else sd15_unet(),
       vae=tiny_vae() if size == "tiny" else sd15_vae(),
       # "blockwise": memory-efficient, fastest on CPU; "xla": plain fused attention (GPU/TPU fp32);
@@ -77,4 +90,18 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       attention_impl="blockwise" if size == "tiny" else "xla",
       dtype="float32",  # compute dtype; parameters are always fp32
       pretrained="",  # local diffusers pipeline folder (unet/, vae/) to start from
-  ))
+    )
+  )
+
+
+def base_config(size: str, name: str) -> ml_collections.ConfigDict:
+  """The fields every experiment has, for model size `size`."""
+  config = ml_collections.ConfigDict()
+  config.name = name
+  config.seed = 0
+  config.model = model_config(size)
+  config.noise_schedule = noise_schedule()
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+  config.unet_axis_rules = UNET_AXIS_RULES
+  config.vae_axis_rules = VAE_AXIS_RULES
+  return config

@@ -16,12 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimajax.models.unet_config import UNetConfig
 from mimajax.models.unet2d import UNet2DConditionModel
+from mimajax.models.unet_config import UNetConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; fp32 runs are reported against the same peak.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+PEAK_FLOPS = {
+  "H100": 989e12,
+  "H200": 989e12,
+  "A100": 312e12,
+  "L4": 121e12,
+  "A10": 125e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+}
 
 
 def device_peak_flops(device: jax.Device) -> float | None:
@@ -56,9 +65,19 @@ def unet_train_step_fn(model: UNet2DConditionModel):
   return step, params
 
 
-def bench_unet(config: UNetConfig, *, batch: int, resolution: int, dtype=jnp.float32, attention_impl="xla",
-               warmup: int = 2, repeats: int = 5, compare_torch: bool = True, seed: int = 0,
-               log: Callable[[str], None] = print) -> dict[str, float]:
+def bench_unet(
+  config: UNetConfig,
+  *,
+  batch: int,
+  resolution: int,
+  dtype=jnp.float32,
+  attention_impl="xla",
+  warmup: int = 2,
+  repeats: int = 5,
+  compare_torch: bool = True,
+  seed: int = 0,
+  log: Callable[[str], None] = print,
+) -> dict[str, float]:
   """Times one U-Net training step in JAX (and in PyTorch on the same config and batch)."""
   side = resolution // 8  # latent side for an image of `resolution` pixels
   rng = np.random.default_rng(seed)
@@ -89,10 +108,15 @@ def bench_unet(config: UNetConfig, *, batch: int, resolution: int, dtype=jnp.flo
   jax_s = _median_time(run_jax, warmup, repeats)
   device = jax.devices()[0]
   result = {"jax_s": jax_s, "params": float(n_params), "compile_s": t_compile}
-  log(f"device: {device.platform} {getattr(device, 'device_kind', '')}; U-Net {n_params / 1e6:.1f}M params, "
-      f"block_out_channels={config.block_out_channels}, batch {batch} x {side}x{side}x{config.in_channels} latents "
-      f"({resolution}px), compute {jnp.dtype(dtype).name}")
-  log(f"jax   train step (fwd+bwd): {jax_s * 1e3:9.1f} ms median of {repeats}  (first call incl. compile {t_compile:.1f} s)")
+  log(
+    f"device: {device.platform} {getattr(device, 'device_kind', '')}; U-Net {n_params / 1e6:.1f}M params, "
+    f"block_out_channels={config.block_out_channels}, batch {batch} x {side}x{side}x{config.in_channels} latents "
+    f"({resolution}px), compute {jnp.dtype(dtype).name}"
+  )
+  log(
+    f"jax   train step (fwd+bwd): {jax_s * 1e3:9.1f} ms median of {repeats}"
+    f"  (first call incl. compile {t_compile:.1f} s)"
+  )
   if flops:
     result["flops"] = flops
     log(f"jax   step FLOPs (lowered cost analysis): {flops / 1e12:.3f} TFLOP")
@@ -114,6 +138,7 @@ def bench_unet(config: UNetConfig, *, batch: int, resolution: int, dtype=jnp.flo
 def _bench_torch_unet(config: UNetConfig, x, t, ctx, target, warmup, repeats, seed) -> float:
   import torch
   from diffusers import UNet2DConditionModel as TorchUNet
+
   torch.manual_seed(seed)
   model = TorchUNet(**config.to_diffusers()).train()
   xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())

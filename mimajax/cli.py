@@ -10,6 +10,7 @@ from mimajax.parity import PARITY_TOLERANCE
 
 def _parity(args) -> int:
   from mimajax import parity
+
   fn = parity.COMPONENTS[args.component]
   if args.component == "scheduler":
     if args.pretrained:
@@ -30,16 +31,22 @@ def _bench(args) -> int:
   from configs import common
   from mimajax import bench
   from mimajax.models.unet_config import UNetConfig
+
   if args.what != "unet":
     print(f"unknown benchmark {args.what!r}; expected 'unet'", file=sys.stderr)
     return 2
   cfg = UNetConfig(**common.model_config(args.size).unet.to_dict())
   if args.block_out_channels:
     cfg = cfg.replace(block_out_channels=tuple(int(c) for c in args.block_out_channels.split(",")))
-  result = bench.bench_unet(cfg, batch=args.batch, resolution=args.resolution,
-                            dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
-                            attention_impl=args.attention_impl, repeats=args.repeats,
-                            compare_torch=not args.no_torch)
+  result = bench.bench_unet(
+    cfg,
+    batch=args.batch,
+    resolution=args.resolution,
+    dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
+    attention_impl=args.attention_impl,
+    repeats=args.repeats,
+    compare_torch=not args.no_torch,
+  )
   if "ratio" in result:
     print(f"ratio={result['ratio']:.3f}")
   return 0

@@ -40,6 +40,7 @@ def nhwc(x):
 def _perturb_(module, seed: int, scale: float = 0.02) -> None:
   """Adds noise to every parameter so that zero- or one-initialised tensors are exercised too."""
   import torch
+
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in module.parameters():
@@ -51,24 +52,37 @@ def _config_for(size: str, component: str):
   return UNetConfig(**cfg.unet.to_dict()) if component == "unet" else VAEConfig(**cfg.vae.to_dict())
 
 
-def unet_parity(size: str = "tiny", pretrained: str | None = None, seed: int = 0, batch: int = 2,
-                log: Callable[[str], None] = print) -> float:
+def _reference(torch_cls, component: str, size: str, pretrained: str | None, seed: int, tmp: str):
+  """(torch module in eval mode, the diffusers folder mimajax loads it from)."""
+  import torch
+
+  torch.manual_seed(seed)
+  if pretrained:
+    folder = Path(pretrained) / component if (Path(pretrained) / component).is_dir() else Path(pretrained)
+    ref = torch_cls.from_pretrained(str(folder), torch_dtype=torch.float32)
+  else:
+    ref = torch_cls(**_config_for(size, component).to_diffusers())
+    _perturb_(ref, seed)
+    folder = Path(tmp) / component
+    ref.save_pretrained(str(folder))  # the real on-disk format (config.json + safetensors)
+  return ref.eval(), folder
+
+
+def unet_parity(
+  size: str = "tiny",
+  pretrained: str | None = None,
+  seed: int = 0,
+  batch: int = 2,
+  log: Callable[[str], None] = print,
+) -> float:
   """UNet2DConditionModel (diffusers) vs mimajax on random latents, timesteps and text context."""
   import torch
   from diffusers import UNet2DConditionModel as TorchUNet
 
   from mimajax.convert.diffusers_format import load_unet
-  torch.manual_seed(seed)
+
   with tempfile.TemporaryDirectory() as tmp:
-    if pretrained:
-      folder = Path(pretrained) / "unet" if (Path(pretrained) / "unet").is_dir() else Path(pretrained)
-      ref = TorchUNet.from_pretrained(str(folder), torch_dtype=torch.float32)
-    else:
-      ref = TorchUNet(**_config_for(size, "unet").to_diffusers())
-      _perturb_(ref, seed)
-      folder = Path(tmp) / "unet"
-      ref.save_pretrained(str(folder))  # the real on-disk format (config.json + safetensors)
-    ref.eval()
+    ref, folder = _reference(TorchUNet, "unet", size, pretrained, seed, tmp)
     ours = load_unet(folder)
   cfg = ours.config
   rng = np.random.default_rng(seed)
@@ -84,35 +98,38 @@ def unet_parity(size: str = "tiny", pretrained: str | None = None, seed: int = 0
   return err
 
 
-def vae_parity(size: str = "tiny", pretrained: str | None = None, seed: int = 0, batch: int = 2,
-               log: Callable[[str], None] = print) -> float:
+def vae_parity(
+  size: str = "tiny",
+  pretrained: str | None = None,
+  seed: int = 0,
+  batch: int = 2,
+  log: Callable[[str], None] = print,
+) -> float:
   """AutoencoderKL (diffusers) vs mimajax: posterior mean and logvar, and decoded images."""
   import torch
   from diffusers import AutoencoderKL as TorchVAE
 
   from mimajax.convert.diffusers_format import load_vae
-  torch.manual_seed(seed)
+
   with tempfile.TemporaryDirectory() as tmp:
-    if pretrained:
-      folder = Path(pretrained) / "vae" if (Path(pretrained) / "vae").is_dir() else Path(pretrained)
-      ref = TorchVAE.from_pretrained(str(folder), torch_dtype=torch.float32)
-    else:
-      ref = TorchVAE(**_config_for(size, "vae").to_diffusers())
-      _perturb_(ref, seed)
-      folder = Path(tmp) / "vae"
-      ref.save_pretrained(str(folder))
-    ref.eval()
+    ref, folder = _reference(TorchVAE, "vae", size, pretrained, seed, tmp)
     ours = load_vae(folder)
   side = 64 if size == "tiny" else 256
   rng = np.random.default_rng(seed)
   images = rng.uniform(-1, 1, (batch, ours.config.in_channels, side, side)).astype(np.float32)
   with torch.no_grad():
     post = ref.encode(torch.from_numpy(images)).latent_dist
-    want = {"mean": post.mean.numpy(), "logvar": post.logvar.numpy(),
-            "decoded": ref.decode(post.mean).sample.numpy()}
+    want = {
+      "mean": post.mean.numpy(),
+      "logvar": post.logvar.numpy(),
+      "decoded": ref.decode(post.mean).sample.numpy(),
+    }
   ours_post = ours.encode(jnp.asarray(nhwc(images)))
-  got = {"mean": nchw(ours_post.mean), "logvar": nchw(ours_post.logvar),
-         "decoded": nchw(ours.decode(jnp.asarray(nhwc(want["mean"]))))}
+  got = {
+    "mean": nchw(ours_post.mean),
+    "logvar": nchw(ours_post.logvar),
+    "decoded": nchw(ours.decode(jnp.asarray(nhwc(want["mean"])))),
+  }
   errs = {k: rel_err(got[k], want[k]) for k in want}
   for k, e in errs.items():
     log(f"vae[{size}] {k} {tuple(want[k].shape)}: rel_err={e:.3e}")
@@ -121,6 +138,7 @@ def vae_parity(size: str = "tiny", pretrained: str | None = None, seed: int = 0,
 
 def scheduler_parity(size: str = "tiny", seed: int = 0, log: Callable[[str], None] = print) -> float:
   from mimajax.diffusion import schedulers
+
   err = schedulers.scheduler_parity(size=size, seed=seed)
   log(f"scheduler[{size}] DDPM noising/velocity, DDIM and Euler loops (eps and v): max rel_err={err:.3e}")
   return err

@@ -15,9 +15,14 @@ from mimajax.models.unet2d import UNet2DConditionModel
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.vae import AutoencoderKL, VAEConfig
 
-UNET_CFG = UNetConfig(block_out_channels=(32, 64), cross_attention_dim=32, norm_num_groups=8,
-                      attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+UNET_CFG = UNetConfig(
+  block_out_channels=(32, 64),
+  cross_attention_dim=32,
+  norm_num_groups=8,
+  attention_head_dim=4,
+  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
 VAE_CFG = VAEConfig(block_out_channels=(32, 64), norm_num_groups=8, layers_per_block=1)
 
 
@@ -54,6 +59,7 @@ def vae():
 @pytest.mark.parametrize("use_linear_projection", [False, True])
 def test_diffusers_folder_round_trip_is_exact(tmp_path, use_linear_projection):
   from diffusers import UNet2DConditionModel as TorchUNet
+
   cfg = UNET_CFG.replace(use_linear_projection=use_linear_projection)
   ours = _random_params(UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)), 3)
   df.save_unet(ours, tmp_path / "unet")
@@ -71,6 +77,7 @@ def test_diffusers_folder_round_trip_is_exact(tmp_path, use_linear_projection):
 
 def test_vae_folder_round_trip_is_exact(tmp_path, vae):
   from diffusers import AutoencoderKL as TorchVAE
+
   df.save_vae(vae, tmp_path / "vae")
   ref = TorchVAE.from_pretrained(tmp_path / "vae")
   ref.save_pretrained(tmp_path / "resaved", safe_serialization=False)  # the legacy .bin format too
@@ -81,6 +88,7 @@ def test_single_file_round_trip_is_exact(tmp_path, unet, vae):
   import torch
   from diffusers import AutoencoderKL as TorchVAE
   from diffusers import UNet2DConditionModel as TorchUNet
+
   path = tmp_path / "sd.safetensors"
   sd_single_file.save_models(path, unet=unet, vae=vae)
   u2, v2 = sd_single_file.load_models(path, UNET_CFG, VAE_CFG)

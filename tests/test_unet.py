@@ -13,20 +13,35 @@ from mimajax.models.unet2d import UNet2DConditionModel
 from mimajax.models.unet_config import UNetConfig
 
 VARIANTS = {
-    "sd1_tiny": {},
-    "sd2_linear_proj_per_block_heads": dict(use_linear_projection=True, attention_head_dim=(2, 4),
-                                           transformer_layers_per_block=2, upcast_attention=True),
-    "three_blocks_layers1_scale_shift": dict(
-        block_out_channels=(16, 32, 32), layers_per_block=1, resnet_time_scale_shift="scale_shift",
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2),
-    "inpaint_9ch_upscaler_knobs": dict(in_channels=9, num_class_embeds=10, only_cross_attention=(True, False),
-                                       flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1.5),
+  "sd1_tiny": {},
+  "sd2_linear_proj_per_block_heads": dict(
+    use_linear_projection=True,
+    attention_head_dim=(2, 4),
+    transformer_layers_per_block=2,
+    upcast_attention=True,
+  ),
+  "three_blocks_layers1_scale_shift": dict(
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    resnet_time_scale_shift="scale_shift",
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=2,
+  ),
+  "inpaint_9ch_upscaler_knobs": dict(
+    in_channels=9,
+    num_class_embeds=10,
+    only_cross_attention=(True, False),
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    mid_block_scale_factor=1.5,
+  ),
 }
 
 
 def _run_both(torch_model, ours, x, t, ctx, class_labels=None):
   import torch
+
   with torch.no_grad():
     kw = {"class_labels": torch.from_numpy(class_labels)} if class_labels is not None else {}
     want = torch_model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx), **kw).sample.numpy()
@@ -63,9 +78,15 @@ def test_unet_odd_latent_size_and_scalar_timestep(torch_unet_factory):
 
 
 def test_unet_jit_grad_and_bf16():
-  cfg = UNetConfig(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, norm_num_groups=8,
-                   attention_head_dim=4, layers_per_block=1)
+  cfg = UNetConfig(
+    block_out_channels=(16, 32),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    attention_head_dim=4,
+    layers_per_block=1,
+  )
   x = jnp.ones((2, 8, 8, 4))
   ctx = jnp.ones((2, 3, 32))
   for dtype in (jnp.float32, jnp.bfloat16):
@@ -75,7 +96,7 @@ def test_unet_jit_grad_and_bf16():
     @jax.jit
     def loss(params):
       out = nnx.merge(graphdef, params)(x, jnp.array([10, 20]), ctx)
-      return jnp.mean(out ** 2), out
+      return jnp.mean(out**2), out
 
     (value, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
     assert out.dtype == jnp.float32
@@ -94,15 +115,18 @@ def test_blockwise_attention_matches_xla(t, s):
   got = blockwise_attention(q, k, v)
   assert rel_err(got, ref) < 1e-5
   f = lambda fn: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2))(q, k, v)
-  for g_ref, g_got in zip(f(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")),
-                          f(blockwise_attention)):
+  for g_ref, g_got in zip(f(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")), f(blockwise_attention)):
     assert rel_err(g_got, g_ref) < 1e-5
 
 
 def test_unet_rejects_bad_inputs_and_configs():
-  cfg = UNetConfig(block_out_channels=(32, 64), cross_attention_dim=32, norm_num_groups=8,
-                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+  cfg = UNetConfig(
+    block_out_channels=(32, 64),
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+  )
   model = UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"channels-last latents \(B, H, W, 4\)"):
     model(jnp.ones((1, 4, 8, 8)), jnp.array(1), jnp.ones((1, 3, 32)))
@@ -118,14 +142,18 @@ def test_unet_rejects_bad_inputs_and_configs():
     UNet2DConditionModel(cfg, attention_impl="flash", rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("shape,kernel,stride,padding", [
+@pytest.mark.parametrize(
+  "shape,kernel,stride,padding",
+  [
     ((2, 8, 8, 16), 3, 1, ((1, 1), (1, 1))),
     ((1, 9, 7, 8), 3, 2, ((1, 1), (1, 1))),
     ((1, 8, 8, 8), 3, 2, ((0, 1), (0, 1))),  # the VAE's asymmetric downsampling
     ((1, 6, 6, 8), 1, 1, ((0, 0), (0, 0))),
-])
+  ],
+)
 def test_conv_implementations_agree(shape, kernel, stride, padding):
   from mimajax.models.layers import Conv2D
+
   x = jax.random.normal(jax.random.key(0), shape)
   outs, grads = [], []
   for impl in ("lax", "im2col"):

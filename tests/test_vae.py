@@ -11,14 +11,25 @@ from mimajax.convert.diffusers_format import load_vae
 from mimajax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     {},
-    dict(layers_per_block=2, block_out_channels=(16, 32, 32), latent_channels=8, scaling_factor=0.13,
-         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3),
+    dict(
+      layers_per_block=2,
+      block_out_channels=(16, 32, 32),
+      latent_channels=8,
+      scaling_factor=0.13,
+      down_block_types=("DownEncoderBlock2D",) * 3,
+      up_block_types=("UpDecoderBlock2D",) * 3,
+    ),
     dict(use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False),
-], ids=["sd_tiny", "three_blocks", "no_quant_no_attn"])
+  ],
+  ids=["sd_tiny", "three_blocks", "no_quant_no_attn"],
+)
 def test_vae_matches_diffusers(torch_vae_factory, overrides):
   import torch
+
   ref, folder = torch_vae_factory(**overrides)
   ours = load_vae(folder)
   side = 8 * 2 ** (len(ours.config.block_out_channels) - 1)
@@ -57,8 +68,7 @@ def test_diagonal_gaussian_sample_and_kl():
 
 
 def test_vae_rejects_bad_shapes_and_configs():
-  vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1),
-                      rngs=nnx.Rngs(0))
+  vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"\(B, H, W, 3\) images"):
     vae.encode(jnp.ones((1, 3, 16, 16)))
   with pytest.raises(ValueError, match=r"\(B, h, w, 4\) latents"):

@@ -8,12 +8,13 @@ a folder is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +36,7 @@ VAE_RENAMES = (("to_out", "to_out.0"),)
 
 # ----------------------------------------------------------------------------- reading / writing
 
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
   path = Path(folder) / "config.json"
   if not path.is_file():
@@ -48,6 +50,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
+
   try:
     return load_file(str(path))
   except (SafetensorError, OSError, ValueError) as e:
@@ -68,8 +71,9 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
 
 
-def read_state_dict(folder: str | os.PathLike, weights_name: str = WEIGHTS_NAME,
-                    variant: str | None = None) -> dict[str, np.ndarray]:
+def read_state_dict(
+  folder: str | os.PathLike, weights_name: str = WEIGHTS_NAME, variant: str | None = None
+) -> dict[str, np.ndarray]:
   """All tensors of a diffusers folder: single or sharded safetensors, else a .bin."""
   folder = Path(folder)
   stem = f"{weights_name}.{variant}" if variant else weights_name
@@ -88,13 +92,20 @@ def read_state_dict(folder: str | os.PathLike, weights_name: str = WEIGHTS_NAME,
   if (folder / f"{stem}.bin").is_file():
     return _read_torch_bin(folder / f"{stem}.bin")
   raise CheckpointReadError(
-      f"no weights in {folder}: expected {stem}.safetensors, {stem}.safetensors.index.json or {stem}.bin")
+    f"no weights in {folder}: expected {stem}.safetensors, {stem}.safetensors.index.json or {stem}.bin"
+  )
 
 
-def write_folder(folder: str | os.PathLike, config: Mapping[str, Any], state: Mapping[str, np.ndarray],
-                 weights_name: str = WEIGHTS_NAME, overwrite: bool = False) -> Path:
+def write_folder(
+  folder: str | os.PathLike,
+  config: Mapping[str, Any],
+  state: Mapping[str, np.ndarray],
+  weights_name: str = WEIGHTS_NAME,
+  overwrite: bool = False,
+) -> Path:
   """Writes config.json + safetensors into a temporary folder, then renames it into place."""
   from safetensors.numpy import save_file
+
   folder = Path(folder)
   if folder.exists() and any(folder.iterdir()) and not overwrite:
     raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
@@ -104,8 +115,11 @@ def write_folder(folder: str | os.PathLike, config: Mapping[str, Any], state: Ma
     cfg = dict(config)
     cfg.setdefault("_diffusers_version", DIFFUSERS_VERSION)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / f"{weights_name}.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+      {k: np.ascontiguousarray(v) for k, v in state.items()},
+      str(tmp / f"{weights_name}.safetensors"),
+      metadata={"format": "pt"},
+    )
     if folder.exists():
       shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -115,67 +129,78 @@ def write_folder(folder: str | os.PathLike, config: Mapping[str, Any], state: Ma
   return folder
 
 
-# ----------------------------------------------------------------------------- U-Net
-
-def unet_key_map(model: UNet2DConditionModel) -> KeyMap:
-  cfg = model.config
-  # SD1.x stores the spatial transformers' proj_in/proj_out as 1x1 convs, SD2.x as linears.
-  conv1x1 = (lambda key: False) if cfg.use_linear_projection else (
-      lambda key: ".attentions." in key and (".proj_in." in key or ".proj_out." in key)
-      and ".transformer_blocks." not in key)
-  return KeyMap(nnx.state(model, nnx.Param), UNET_RENAMES, conv1x1, what="UNet2DConditionModel")
+# ----------------------------------------------------------------------------- models
 
 
-def unet_to_torch_state(model: UNet2DConditionModel) -> dict[str, np.ndarray]:
-  return unet_key_map(model).to_torch(nnx.state(model, nnx.Param))
+def _sd1_conv_projections(config: UNetConfig) -> Callable[[str], bool]:
+  """SD1.x stores the spatial transformers' proj_in/proj_out as 1x1 convs, SD2.x as linears."""
+  if config.use_linear_projection:
+    return lambda key: False
+  return lambda key: (
+    ".attentions." in key and (".proj_in." in key or ".proj_out." in key) and ".transformer_blocks." not in key
+  )
 
 
-def unet_from_torch_state(config: UNetConfig, state: Mapping[str, np.ndarray], *, dtype=jnp.float32,
-                          attention_impl: str | None = None, assumed: str = "") -> UNet2DConditionModel:
-  abstract = nnx.eval_shape(lambda: UNet2DConditionModel(config, dtype=dtype, attention_impl=attention_impl,
-                                                         rngs=nnx.Rngs(0)))
-  arrays = unet_key_map(abstract).to_flax(state, assumed or "the given UNetConfig")
-  return merge_params(abstract, arrays)
+@dataclasses.dataclass(frozen=True)
+class Component:
+  """How one model family maps onto its diffusers class."""
+
+  model_cls: type
+  config_cls: type
+  renames: tuple
+  conv1x1: Callable[[Any], Callable[[str], bool]] = lambda config: lambda key: False
+
+  def key_map(self, model) -> KeyMap:
+    return KeyMap(nnx.state(model, nnx.Param), self.renames, self.conv1x1(model.config), what=self.model_cls.__name__)
+
+  def to_torch_state(self, model) -> dict[str, np.ndarray]:
+    return self.key_map(model).to_torch(nnx.state(model, nnx.Param))
+
+  def from_torch_state(
+    self,
+    config,
+    state: Mapping[str, np.ndarray],
+    *,
+    dtype=jnp.float32,
+    attention_impl: str | None = None,
+    assumed: str = "",
+  ):
+    abstract = nnx.eval_shape(
+      lambda: self.model_cls(config, dtype=dtype, attention_impl=attention_impl, rngs=nnx.Rngs(0))
+    )
+    arrays = self.key_map(abstract).to_flax(state, assumed or f"the given {self.config_cls.__name__}")
+    return merge_params(abstract, arrays)
+
+  def load(
+    self,
+    folder,
+    *,
+    dtype=jnp.float32,
+    attention_impl: str | None = None,
+    subfolder: str | None = None,
+    variant: str | None = None,
+  ):
+    folder = Path(folder) / subfolder if subfolder else Path(folder)
+    config = self.config_cls.from_diffusers(read_config(folder))
+    return self.from_torch_state(
+      config,
+      read_state_dict(folder, variant=variant),
+      dtype=dtype,
+      attention_impl=attention_impl,
+      assumed=f"{folder}/config.json",
+    )
+
+  def save(self, model, folder, overwrite: bool = False) -> Path:
+    return write_folder(folder, model.config.to_diffusers(), self.to_torch_state(model), overwrite=overwrite)
 
 
-def load_unet(folder: str | os.PathLike, *, dtype=jnp.float32, attention_impl: str | None = None,
-              subfolder: str | None = None, variant: str | None = None) -> UNet2DConditionModel:
-  """A diffusers `UNet2DConditionModel` folder (or a pipeline folder with subfolder='unet')."""
-  folder = Path(folder) / subfolder if subfolder else Path(folder)
-  config = UNetConfig.from_diffusers(read_config(folder))
-  return unet_from_torch_state(config, read_state_dict(folder, variant=variant), dtype=dtype,
-                               attention_impl=attention_impl, assumed=f"{folder}/config.json")
+UNET = Component(UNet2DConditionModel, UNetConfig, UNET_RENAMES, _sd1_conv_projections)
+VAE = Component(AutoencoderKL, VAEConfig, VAE_RENAMES)
 
-
-def save_unet(model: UNet2DConditionModel, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-  return write_folder(folder, model.config.to_diffusers(), unet_to_torch_state(model), overwrite=overwrite)
-
-
-# ----------------------------------------------------------------------------- VAE
-
-def vae_key_map(model: AutoencoderKL) -> KeyMap:
-  return KeyMap(nnx.state(model, nnx.Param), VAE_RENAMES, what="AutoencoderKL")
-
-
-def vae_to_torch_state(model: AutoencoderKL) -> dict[str, np.ndarray]:
-  return vae_key_map(model).to_torch(nnx.state(model, nnx.Param))
-
-
-def vae_from_torch_state(config: VAEConfig, state: Mapping[str, np.ndarray], *, dtype=jnp.float32,
-                         attention_impl: str | None = None, assumed: str = "") -> AutoencoderKL:
-  abstract = nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, attention_impl=attention_impl,
-                                                  rngs=nnx.Rngs(0)))
-  arrays = vae_key_map(abstract).to_flax(state, assumed or "the given VAEConfig")
-  return merge_params(abstract, arrays)
-
-
-def load_vae(folder: str | os.PathLike, *, dtype=jnp.float32, attention_impl: str | None = None,
-             subfolder: str | None = None, variant: str | None = None) -> AutoencoderKL:
-  folder = Path(folder) / subfolder if subfolder else Path(folder)
-  config = VAEConfig.from_diffusers(read_config(folder))
-  return vae_from_torch_state(config, read_state_dict(folder, variant=variant), dtype=dtype,
-                              attention_impl=attention_impl, assumed=f"{folder}/config.json")
-
-
-def save_vae(model: AutoencoderKL, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-  return write_folder(folder, model.config.to_diffusers(), vae_to_torch_state(model), overwrite=overwrite)
+unet_key_map, vae_key_map = UNET.key_map, VAE.key_map
+unet_to_torch_state, vae_to_torch_state = UNET.to_torch_state, VAE.to_torch_state
+unet_from_torch_state, vae_from_torch_state = UNET.from_torch_state, VAE.from_torch_state
+# load_unet("sd-v1-5", subfolder="unet") reads a pipeline folder; save_unet writes what
+# UNet2DConditionModel.from_pretrained loads. The same for the VAE.
+load_unet, load_vae = UNET.load, VAE.load
+save_unet, save_vae = UNET.save, VAE.save

@@ -2,12 +2,12 @@
 
 
 class CheckpointKeyError(ValueError):
-    """A checkpoint's keys or shapes do not match what the assumed model config expects.
+  """A checkpoint's keys or shapes do not match what the assumed model config expects.
 
-    Raised instead of returning a partial state dict. Converters may attach the
-    lists they found as attributes (``missing``, ``unexpected``, ``mismatched``).
-    """
+  Raised instead of returning a partial state dict. Converters may attach the
+  lists they found as attributes (``missing``, ``unexpected``, ``mismatched``).
+  """
 
 
 class CheckpointReadError(ValueError):
-    """A checkpoint file or folder is missing, unreadable or not in the expected format."""
+  """A checkpoint file or folder is missing, unreadable or not in the expected format."""

@@ -63,8 +63,13 @@ def flax_layout(value: np.ndarray, leaf: str) -> np.ndarray:
 class KeyMap:
   """The explicit map between one model's NNX parameter paths and its PyTorch state-dict keys."""
 
-  def __init__(self, params: nnx.State, renames: Renames = (),
-               conv1x1: Callable[[str], bool] = lambda key: False, what: str = "model"):
+  def __init__(
+    self,
+    params: nnx.State,
+    renames: Renames = (),
+    conv1x1: Callable[[str], bool] = lambda key: False,
+    what: str = "model",
+  ):
     self.what = what
     self.entries = {}  # torch key -> (flax path, flax shape, torch shape)
     for path, var in nnx.to_flat_state(params):
@@ -84,8 +89,10 @@ class KeyMap:
     missing = sorted(k for k in self.entries if k not in state)
     unexpected = sorted(k for k in state if k not in self.entries)
     mismatched = sorted(
-        (k, self.entries[k][2], tuple(np.shape(state[k])))
-        for k in self.entries if k in state and tuple(np.shape(state[k])) != self.entries[k][2])
+      (k, self.entries[k][2], tuple(np.shape(state[k])))
+      for k in self.entries
+      if k in state and tuple(np.shape(state[k])) != self.entries[k][2]
+    )
     if missing or unexpected or mismatched:
       raise key_error(self.what, missing, unexpected, mismatched, assumed)
 
@@ -123,8 +130,12 @@ def key_error(what: str, missing, unexpected, mismatched, assumed: str = "") -> 
       return []
     shown = [f"    {r}" for r in rows[:50]] + ([f"    ... and {len(rows) - 50} more"] if len(rows) > 50 else [])
     return [f"  {title} ({len(rows)}):"] + shown
-  lines = [f"{what}: the checkpoint does not match the model"
-           + (f" built from {assumed}" if assumed else "") + "; nothing was loaded."]
+
+  lines = [
+    f"{what}: the checkpoint does not match the model"
+    + (f" built from {assumed}" if assumed else "")
+    + "; nothing was loaded."
+  ]
   lines += listing("missing keys", missing)
   lines += listing("unexpected keys", unexpected)
   lines += listing("mis-shaped keys (key, expected, found)", mismatched)

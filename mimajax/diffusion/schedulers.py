@@ -157,9 +157,7 @@ def _check_steps(schedule: NoiseSchedule, num_inference_steps: int, timestep_spa
   """Validate a sampler's step count and spacing."""
   _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
   if not 1 <= num_inference_steps <= schedule.num_train_timesteps:
-    raise ValueError(
-      f"num_inference_steps={num_inference_steps} must be in [1, {schedule.num_train_timesteps}]"
-    )
+    raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, {schedule.num_train_timesteps}]")
 
 
 def _spaced_timesteps(T: int, n: int, timestep_spacing: str, steps_offset: int) -> np.ndarray:
@@ -385,9 +383,7 @@ def scheduler_parity(size: str = "tiny", seed: int = 0, num_inference_steps: int
     errors.append(_rel_l2(velocity(sched, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t_train)), ref))
 
     # DDIM: SD1.5 pipeline config (leading spacing, steps_offset=1, final alpha = alphas_cumprod[0]).
-    ddim = DDIMScheduler(
-      **base, prediction_type=pred, clip_sample=False, set_alpha_to_one=False, steps_offset=1
-    )
+    ddim = DDIMScheduler(**base, prediction_type=pred, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     ddim.set_timesteps(num_inference_steps)
     x = to_torch(noise)
     for t in ddim.timesteps:
@@ -401,9 +397,7 @@ def scheduler_parity(size: str = "tiny", seed: int = 0, num_inference_steps: int
 
     # Euler with leading spacing (what from_config(SD1.5 scheduler config) gives) and with trailing.
     for spacing in ("leading", "trailing"):
-      euler = EulerDiscreteScheduler(
-        **base, prediction_type=pred, steps_offset=1, timestep_spacing=spacing
-      )
+      euler = EulerDiscreteScheduler(**base, prediction_type=pred, steps_offset=1, timestep_spacing=spacing)
       euler.set_timesteps(num_inference_steps)
       x = to_torch(noise) * euler.init_noise_sigma
       for t in euler.timesteps:

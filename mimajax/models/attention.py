@@ -31,7 +31,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, query_block: i
   s = k.shape[1]
   qblk = query_block if t % query_block == 0 else t
   to_heads = lambda x, length: x.transpose(0, 2, 1, 3).reshape(b * n, length, d)
-  qh = to_heads(q * jnp.asarray(d ** -0.5, q.dtype), t).reshape(b * n, t // qblk, qblk, d)
+  qh = to_heads(q * jnp.asarray(d**-0.5, q.dtype), t).reshape(b * n, t // qblk, qblk, d)
   kh, vh = to_heads(k, s), to_heads(v, s)
 
   def one_head(args):
@@ -53,20 +53,31 @@ def dot_product_attention(q, k, v, implementation: str | None = None) -> jax.Arr
   if implementation == "blockwise":
     return blockwise_attention(q, k, v)
   if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} unknown; expected one of "
-                     f"{ATTENTION_IMPLEMENTATIONS}")
+    raise ValueError(
+      f"attention implementation {implementation!r} unknown; expected one of {ATTENTION_IMPLEMENTATIONS}"
+    )
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
 class Attention(nnx.Module):
   """Multi-head attention with separate q/k/v projections (no bias) and a biased output projection."""
 
-  def __init__(self, query_dim: int, *, heads: int, head_dim: int, context_dim: int | None = None,
-               qkv_bias: bool = False, implementation: str | None = None,
-               dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    query_dim: int,
+    *,
+    heads: int,
+    head_dim: int,
+    context_dim: int | None = None,
+    qkv_bias: bool = False,
+    implementation: str | None = None,
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention implementation {implementation!r} unknown; expected one of "
-                       f"{ATTENTION_IMPLEMENTATIONS}")
+      raise ValueError(
+        f"attention implementation {implementation!r} unknown; expected one of {ATTENTION_IMPLEMENTATIONS}"
+      )
     inner = heads * head_dim
     context_dim = context_dim or query_dim
     self.heads, self.head_dim = heads, head_dim
@@ -106,9 +117,18 @@ class GEGLUFeedForward(nnx.Module):
 class TransformerBlock(nnx.Module):
   """Pre-norm block: self-attention, cross-attention on the context, GEGLU MLP."""
 
-  def __init__(self, dim: int, *, heads: int, head_dim: int, context_dim: int,
-               only_cross_attention: bool = False, implementation: str | None = None,
-               dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    *,
+    heads: int,
+    head_dim: int,
+    context_dim: int,
+    only_cross_attention: bool = False,
+    implementation: str | None = None,
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.only_cross_attention = only_cross_attention
     kw = dict(heads=heads, head_dim=head_dim, implementation=implementation, dtype=dtype, rngs=rngs)
     self.norm1 = LayerNorm(dim, dtype=dtype)
@@ -133,20 +153,39 @@ class SpatialTransformer(nnx.Module):
   shape differs (the converter handles it from `use_linear_projection`).
   """
 
-  def __init__(self, channels: int, *, heads: int, context_dim: int, num_layers: int = 1,
-               norm_num_groups: int = 32, only_cross_attention: bool = False,
-               implementation: str | None = None, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    heads: int,
+    context_dim: int,
+    num_layers: int = 1,
+    norm_num_groups: int = 32,
+    only_cross_attention: bool = False,
+    implementation: str | None = None,
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if channels % heads:
       raise ValueError(f"SpatialTransformer: channels={channels} not divisible by heads={heads}")
     head_dim = channels // heads
     self.norm = GroupNorm(norm_num_groups, channels, epsilon=1e-6, dtype=dtype)
     self.proj_in = linear(channels, channels, axes=("embed", "embed_out"), dtype=dtype, rngs=rngs)
-    self.transformer_blocks = nnx.List([
-        TransformerBlock(channels, heads=heads, head_dim=head_dim, context_dim=context_dim,
-                         only_cross_attention=only_cross_attention, implementation=implementation,
-                         dtype=dtype, rngs=rngs)
+    self.transformer_blocks = nnx.List(
+      [
+        TransformerBlock(
+          channels,
+          heads=heads,
+          head_dim=head_dim,
+          context_dim=context_dim,
+          only_cross_attention=only_cross_attention,
+          implementation=implementation,
+          dtype=dtype,
+          rngs=rngs,
+        )
         for _ in range(num_layers)
-    ])
+      ]
+    )
     self.proj_out = linear(channels, channels, axes=("embed_out", "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -160,10 +199,25 @@ class SpatialTransformer(nnx.Module):
 class VAEAttention(Attention):
   """Single-head self-attention over H*W with a GroupNorm in front and a residual (VAE mid-block)."""
 
-  def __init__(self, channels: int, *, norm_num_groups: int = 32, epsilon: float = 1e-6,
-               implementation: str | None = None, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True,
-                     implementation=implementation, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    channels: int,
+    *,
+    norm_num_groups: int = 32,
+    epsilon: float = 1e-6,
+    implementation: str | None = None,
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    super().__init__(
+      channels,
+      heads=1,
+      head_dim=channels,
+      qkv_bias=True,
+      implementation=implementation,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.group_norm = GroupNorm(norm_num_groups, channels, epsilon=epsilon, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -28,10 +28,18 @@ def vae_config(model_cfg: ml_collections.ConfigDict) -> VAEConfig:
 
 
 def build_unet(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> UNet2DConditionModel:
-  return UNet2DConditionModel(unet_config(model_cfg), dtype=compute_dtype(model_cfg.dtype),
-                              attention_impl=model_cfg.attention_impl, rngs=rngs)
+  return UNet2DConditionModel(
+    unet_config(model_cfg),
+    dtype=compute_dtype(model_cfg.dtype),
+    attention_impl=model_cfg.attention_impl,
+    rngs=rngs,
+  )
 
 
 def build_vae(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> AutoencoderKL:
-  return AutoencoderKL(vae_config(model_cfg), dtype=compute_dtype(model_cfg.dtype),
-                       attention_impl=model_cfg.attention_impl, rngs=rngs)
+  return AutoencoderKL(
+    vae_config(model_cfg),
+    dtype=compute_dtype(model_cfg.dtype),
+    attention_impl=model_cfg.attention_impl,
+    rngs=rngs,
+  )

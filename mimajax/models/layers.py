@@ -25,25 +25,25 @@ def _partitioned(init, axes):
 
 
 def linear(
-    in_features: int,
-    out_features: int,
-    *,
-    axes: tuple[str | None, str | None] = ("embed", "mlp"),
-    use_bias: bool = True,
-    dtype: Dtype = jnp.float32,
-    rngs: nnx.Rngs,
-    kernel_init=nnx.initializers.lecun_normal(),
+  in_features: int,
+  out_features: int,
+  *,
+  axes: tuple[str | None, str | None] = ("embed", "mlp"),
+  use_bias: bool = True,
+  dtype: Dtype = jnp.float32,
+  rngs: nnx.Rngs,
+  kernel_init=nnx.initializers.lecun_normal(),
 ) -> nnx.Linear:
   """A Linear whose kernel (in, out) and bias carry logical axis names."""
   return nnx.Linear(
-      in_features,
-      out_features,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=_partitioned(kernel_init, axes),
-      bias_init=_partitioned(nnx.initializers.zeros_init(), (axes[1],)),
-      rngs=rngs,
+    in_features,
+    out_features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=_partitioned(kernel_init, axes),
+    bias_init=_partitioned(nnx.initializers.zeros_init(), (axes[1],)),
+    rngs=rngs,
   )
 
 
@@ -65,8 +65,11 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Ar
   x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   b, hp, wp, _ = x.shape
   oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-  patches = [x[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride, :]
-             for i in range(kh) for j in range(kw)]
+  patches = [
+    x[:, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride, :]
+    for i in range(kh)
+    for j in range(kw)
+  ]
   cols = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
   return (cols.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)).reshape(b, oh, ow, cout)
 
@@ -74,10 +77,19 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Ar
 class Conv2D(nnx.Module):
   """2D conv on NHWC with an HWIO kernel and PyTorch-style explicit padding."""
 
-  def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *, stride: int = 1,
-               padding: int | Sequence[tuple[int, int]] | None = None, impl: str = "auto",
-               dtype: Dtype = jnp.float32, rngs: nnx.Rngs,
-               kernel_init=nnx.initializers.lecun_normal()):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding: int | Sequence[tuple[int, int]] | None = None,
+    impl: str = "auto",
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+    kernel_init=nnx.initializers.lecun_normal(),
+  ):
     if impl not in ("auto", "lax", "im2col"):
       raise ValueError(f"conv impl {impl!r} unknown; expected 'auto', 'lax' or 'im2col'")
     if padding is None:
@@ -101,27 +113,42 @@ class Conv2D(nnx.Module):
     elif _use_im2col(self.impl, x.shape[0] * oh * ow):
       y = im2col_conv(x, kernel, self.stride, self.padding)
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), self.padding,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = jax.lax.conv_general_dilated(
+        x, kernel, (self.stride, self.stride), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
     return y + self.bias[...].astype(self.dtype)
 
 
-def conv(in_features: int, out_features: int, kernel_size: int = 3, *, stride: int = 1,
-         padding: int | Sequence[tuple[int, int]] | None = None, dtype: Dtype = jnp.float32,
-         rngs: nnx.Rngs, kernel_init=nnx.initializers.lecun_normal()) -> Conv2D:
+def conv(
+  in_features: int,
+  out_features: int,
+  kernel_size: int = 3,
+  *,
+  stride: int = 1,
+  padding: int | Sequence[tuple[int, int]] | None = None,
+  dtype: Dtype = jnp.float32,
+  rngs: nnx.Rngs,
+  kernel_init=nnx.initializers.lecun_normal(),
+) -> Conv2D:
   """A 2D conv (kernel HWIO) with PyTorch-style symmetric padding (k-1)//2 by default."""
-  return Conv2D(in_features, out_features, kernel_size, stride=stride, padding=padding, dtype=dtype,
-                rngs=rngs, kernel_init=kernel_init)
+  return Conv2D(
+    in_features,
+    out_features,
+    kernel_size,
+    stride=stride,
+    padding=padding,
+    dtype=dtype,
+    rngs=rngs,
+    kernel_init=kernel_init,
+  )
 
 
 class GroupNorm(nnx.Module):
   """GroupNorm over channels-last inputs of any rank, statistics in fp32 (as torch.nn.GroupNorm)."""
 
-  def __init__(self, num_groups: int, num_channels: int, *, epsilon: float = 1e-5,
-               dtype: Dtype = jnp.float32):
+  def __init__(self, num_groups: int, num_channels: int, *, epsilon: float = 1e-5, dtype: Dtype = jnp.float32):
     if num_channels % num_groups:
-      raise ValueError(
-          f"GroupNorm: num_channels={num_channels} is not divisible by num_groups={num_groups}")
+      raise ValueError(f"GroupNorm: num_channels={num_channels} is not divisible by num_groups={num_groups}")
     self.num_groups = num_groups
     self.epsilon = epsilon
     self.dtype = dtype
@@ -159,11 +186,11 @@ class LayerNorm(nnx.Module):
 def activation(name: str):
   """The activation functions diffusers' configs name (`act_fn`)."""
   table = {
-      "silu": jax.nn.silu,
-      "swish": jax.nn.silu,
-      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-      "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-      "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "relu": jax.nn.relu,
   }
   if name not in table:
     raise ValueError(f"unknown activation {name!r}; expected one of {sorted(table)}")
@@ -171,12 +198,12 @@ def activation(name: str):
 
 
 def sinusoidal_timestep_embedding(
-    timesteps: jax.Array,
-    dim: int,
-    *,
-    flip_sin_to_cos: bool = True,
-    downscale_freq_shift: float = 0.0,
-    max_period: float = 10000.0,
+  timesteps: jax.Array,
+  dim: int,
+  *,
+  flip_sin_to_cos: bool = True,
+  downscale_freq_shift: float = 0.0,
+  max_period: float = 10000.0,
 ) -> jax.Array:
   """DDPM sinusoidal embedding of (batch,) timesteps -> (batch, dim), fp32."""
   half = dim // 2
@@ -192,8 +219,16 @@ def sinusoidal_timestep_embedding(
 class TimestepEmbedding(nnx.Module):
   """MLP on the sinusoidal timestep features: linear_1 -> act -> linear_2 (-> post act)."""
 
-  def __init__(self, in_features: int, time_embed_dim: int, *, act_fn: str = "silu",
-               post_act_fn: str | None = None, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    time_embed_dim: int,
+    *,
+    act_fn: str = "silu",
+    post_act_fn: str | None = None,
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.linear_1 = linear(in_features, time_embed_dim, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
     self.linear_2 = linear(time_embed_dim, time_embed_dim, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
     self.act = activation(act_fn)

@@ -16,13 +16,24 @@ Dtype = Any
 class ResnetBlock2D(nnx.Module):
   """GroupNorm-act-conv twice, with an optional timestep embedding added (or scale/shift) in between."""
 
-  def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None,
-               groups: int = 32, eps: float = 1e-5, act_fn: str = "silu",
-               time_embedding_norm: str = "default", output_scale_factor: float = 1.0,
-               dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    *,
+    temb_channels: int | None,
+    groups: int = 32,
+    eps: float = 1e-5,
+    act_fn: str = "silu",
+    time_embedding_norm: str = "default",
+    output_scale_factor: float = 1.0,
+    dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if time_embedding_norm not in ("default", "scale_shift"):
       raise ValueError(
-          f"resnet_time_scale_shift={time_embedding_norm!r} is not supported; expected 'default' or 'scale_shift'")
+        f"resnet_time_scale_shift={time_embedding_norm!r} is not supported; expected 'default' or 'scale_shift'"
+      )
     self.act = activation(act_fn)
     self.time_embedding_norm = time_embedding_norm
     self.output_scale_factor = output_scale_factor
@@ -35,8 +46,9 @@ class ResnetBlock2D(nnx.Module):
       self.time_emb_proj = None
     self.norm2 = GroupNorm(groups, out_channels, epsilon=eps, dtype=dtype)
     self.conv2 = conv(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
-    self.conv_shortcut = (conv(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
-                          if in_channels != out_channels else None)
+    self.conv_shortcut = (
+      conv(in_channels, out_channels, 1, dtype=dtype, rngs=rngs) if in_channels != out_channels else None
+    )
 
   def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
     h = self.conv1(self.act(self.norm1(x)))

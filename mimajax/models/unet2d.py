@@ -14,7 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimajax.models.attention import SpatialTransformer
-from mimajax.models.layers import GroupNorm, TimestepEmbedding, activation, conv, sinusoidal_timestep_embedding
+from mimajax.models.layers import (
+  GroupNorm,
+  TimestepEmbedding,
+  activation,
+  conv,
+  sinusoidal_timestep_embedding,
+)
 from mimajax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from mimajax.models.unet_config import CROSS_DOWN, CROSS_UP, UNetConfig
 
@@ -27,24 +33,46 @@ class DownBlock(nnx.Module):
   def __init__(self, cfg: UNetConfig, index: int, in_channels: int, *, implementation, dtype, rngs):
     out = cfg.block_out_channels[index]
     self.cross = cfg.down_block_types[index] == CROSS_DOWN
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if j == 0 else out, out, temb_channels=cfg.time_embed_dim,
-                      groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
-                      time_embedding_norm=cfg.resnet_time_scale_shift, dtype=dtype, rngs=rngs)
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_channels if j == 0 else out,
+          out,
+          temb_channels=cfg.time_embed_dim,
+          groups=cfg.norm_num_groups,
+          eps=cfg.norm_eps,
+          act_fn=cfg.act_fn,
+          time_embedding_norm=cfg.resnet_time_scale_shift,
+          dtype=dtype,
+          rngs=rngs,
+        )
         for j in range(cfg.layers_per_block[index])
-    ])
-    self.attentions = nnx.List([
-        SpatialTransformer(out, heads=cfg.attention_head_dim[index], context_dim=cfg.cross_attention_dim,
-                           num_layers=cfg.transformer_layers_per_block[index],
-                           norm_num_groups=cfg.norm_num_groups,
-                           only_cross_attention=cfg.only_cross_attention[index],
-                           implementation=implementation, dtype=dtype, rngs=rngs)
-        for _ in range(cfg.layers_per_block[index])
-    ]) if self.cross else None
+      ]
+    )
+    self.attentions = (
+      nnx.List(
+        [
+          SpatialTransformer(
+            out,
+            heads=cfg.attention_head_dim[index],
+            context_dim=cfg.cross_attention_dim,
+            num_layers=cfg.transformer_layers_per_block[index],
+            norm_num_groups=cfg.norm_num_groups,
+            only_cross_attention=cfg.only_cross_attention[index],
+            implementation=implementation,
+            dtype=dtype,
+            rngs=rngs,
+          )
+          for _ in range(cfg.layers_per_block[index])
+        ]
+      )
+      if self.cross
+      else None
+    )
     is_final = index == len(cfg.block_out_channels) - 1
-    self.downsamplers = nnx.List([
-        Downsample2D(out, padding=cfg.downsample_padding, dtype=dtype, rngs=rngs)
-    ]) if not is_final else None
+    self.downsamplers = (
+      nnx.List([Downsample2D(out, padding=cfg.downsample_padding, dtype=dtype, rngs=rngs)]) if not is_final else None
+    )
 
   def __call__(self, x, temb, context):
     skips = []
@@ -64,16 +92,31 @@ class MidBlock(nnx.Module):
 
   def __init__(self, cfg: UNetConfig, *, implementation, dtype, rngs):
     c = cfg.block_out_channels[-1]
-    kw = dict(temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-              act_fn=cfg.act_fn, time_embedding_norm=cfg.resnet_time_scale_shift,
-              output_scale_factor=cfg.mid_block_scale_factor, dtype=dtype, rngs=rngs)
+    kw = dict(
+      temb_channels=cfg.time_embed_dim,
+      groups=cfg.norm_num_groups,
+      eps=cfg.norm_eps,
+      act_fn=cfg.act_fn,
+      time_embedding_norm=cfg.resnet_time_scale_shift,
+      output_scale_factor=cfg.mid_block_scale_factor,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.resnets = nnx.List([ResnetBlock2D(c, c, **kw), ResnetBlock2D(c, c, **kw)])
-    self.attentions = nnx.List([
-        SpatialTransformer(c, heads=cfg.attention_head_dim[-1], context_dim=cfg.cross_attention_dim,
-                           num_layers=cfg.transformer_layers_per_block[-1],
-                           norm_num_groups=cfg.norm_num_groups, implementation=implementation,
-                           dtype=dtype, rngs=rngs)
-    ])
+    self.attentions = nnx.List(
+      [
+        SpatialTransformer(
+          c,
+          heads=cfg.attention_head_dim[-1],
+          context_dim=cfg.cross_attention_dim,
+          num_layers=cfg.transformer_layers_per_block[-1],
+          norm_num_groups=cfg.norm_num_groups,
+          implementation=implementation,
+          dtype=dtype,
+          rngs=rngs,
+        )
+      ]
+    )
 
   def __call__(self, x, temb, context):
     x = self.resnets[0](x, temb)
@@ -91,22 +134,43 @@ class UpBlock(nnx.Module):
     skip_in = rev_channels[min(index + 1, n - 1)]  # channels of the block's last skip (its down input)
     num_layers = cfg.layers_per_block[::-1][index] + 1
     self.cross = cfg.up_block_types[index] == CROSS_UP
-    self.resnets = nnx.List([
-        ResnetBlock2D((prev_channels if j == 0 else out) + (skip_in if j == num_layers - 1 else out), out,
-                      temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-                      act_fn=cfg.act_fn, time_embedding_norm=cfg.resnet_time_scale_shift,
-                      dtype=dtype, rngs=rngs)
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          (prev_channels if j == 0 else out) + (skip_in if j == num_layers - 1 else out),
+          out,
+          temb_channels=cfg.time_embed_dim,
+          groups=cfg.norm_num_groups,
+          eps=cfg.norm_eps,
+          act_fn=cfg.act_fn,
+          time_embedding_norm=cfg.resnet_time_scale_shift,
+          dtype=dtype,
+          rngs=rngs,
+        )
         for j in range(num_layers)
-    ])
+      ]
+    )
     rev = lambda values: values[::-1][index]
-    self.attentions = nnx.List([
-        SpatialTransformer(out, heads=rev(cfg.attention_head_dim), context_dim=cfg.cross_attention_dim,
-                           num_layers=rev(cfg.transformer_layers_per_block),
-                           norm_num_groups=cfg.norm_num_groups,
-                           only_cross_attention=rev(cfg.only_cross_attention),
-                           implementation=implementation, dtype=dtype, rngs=rngs)
-        for _ in range(num_layers)
-    ]) if self.cross else None
+    self.attentions = (
+      nnx.List(
+        [
+          SpatialTransformer(
+            out,
+            heads=rev(cfg.attention_head_dim),
+            context_dim=cfg.cross_attention_dim,
+            num_layers=rev(cfg.transformer_layers_per_block),
+            norm_num_groups=cfg.norm_num_groups,
+            only_cross_attention=rev(cfg.only_cross_attention),
+            implementation=implementation,
+            dtype=dtype,
+            rngs=rngs,
+          )
+          for _ in range(num_layers)
+        ]
+      )
+      if self.cross
+      else None
+    )
     self.upsamplers = nnx.List([Upsample2D(out, dtype=dtype, rngs=rngs)]) if index < n - 1 else None
 
   def __call__(self, x, skips, temb, context, upsample_size=None):
@@ -122,18 +186,22 @@ class UpBlock(nnx.Module):
 class UNet2DConditionModel(nnx.Module):
   """eps/v(x_t, t, context): the SD U-Net on channels-last latents (B, H, W, in_channels)."""
 
-  def __init__(self, config: UNetConfig, *, dtype: Dtype = jnp.float32,
-               attention_impl: str | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self, config: UNetConfig, *, dtype: Dtype = jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs
+  ):
     cfg = self.config = config
     self.dtype = dtype
     kw = dict(implementation=attention_impl, dtype=dtype, rngs=rngs)
     c0 = cfg.block_out_channels[0]
     self.conv_in = conv(cfg.in_channels, c0, cfg.conv_in_kernel, dtype=dtype, rngs=rngs)
-    self.time_embedding = TimestepEmbedding(c0, cfg.time_embed_dim, act_fn=cfg.act_fn,
-                                            post_act_fn=cfg.timestep_post_act, dtype=dtype, rngs=rngs)
-    self.class_embedding = (nnx.Embed(cfg.num_class_embeds, cfg.time_embed_dim, param_dtype=jnp.float32,
-                                      dtype=dtype, rngs=rngs)
-                            if cfg.num_class_embeds else None)
+    self.time_embedding = TimestepEmbedding(
+      c0, cfg.time_embed_dim, act_fn=cfg.act_fn, post_act_fn=cfg.timestep_post_act, dtype=dtype, rngs=rngs
+    )
+    self.class_embedding = (
+      nnx.Embed(cfg.num_class_embeds, cfg.time_embed_dim, param_dtype=jnp.float32, dtype=dtype, rngs=rngs)
+      if cfg.num_class_embeds
+      else None
+    )
     blocks, channels = [], c0
     for i in range(len(cfg.block_out_channels)):
       blocks.append(DownBlock(cfg, i, channels, **kw))
@@ -153,24 +221,33 @@ class UNet2DConditionModel(nnx.Module):
     """Timestep (and optional class) embedding, (batch, time_embed_dim)."""
     cfg = self.config
     t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (batch,))
-    emb = self.time_embedding(sinusoidal_timestep_embedding(
-        t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-        downscale_freq_shift=cfg.freq_shift).astype(self.dtype))
+    emb = self.time_embedding(
+      sinusoidal_timestep_embedding(
+        t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift
+      ).astype(self.dtype)
+    )
     if self.class_embedding is not None:
       if class_labels is None:
         raise ValueError("this U-Net has num_class_embeds set: class_labels are required")
       emb = emb + self.class_embedding(class_labels)
     return emb
 
-  def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
-               class_labels: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    sample: jax.Array,
+    timesteps: jax.Array,
+    encoder_hidden_states: jax.Array,
+    class_labels: jax.Array | None = None,
+  ) -> jax.Array:
     """sample (B, H, W, in_channels), timesteps () or (B,), encoder_hidden_states (B, S, cross_dim)."""
     cfg = self.config
     if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
       raise ValueError(f"UNet expects channels-last latents (B, H, W, {cfg.in_channels}); got {sample.shape}")
     if encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
-      raise ValueError(f"encoder_hidden_states last dim {encoder_hidden_states.shape[-1]} != "
-                       f"cross_attention_dim {cfg.cross_attention_dim}")
+      raise ValueError(
+        f"encoder_hidden_states last dim {encoder_hidden_states.shape[-1]} != "
+        f"cross_attention_dim {cfg.cross_attention_dim}"
+      )
     if cfg.center_input_sample:
       sample = 2 * sample - 1.0
     temb = self.time_embed(timesteps, sample.shape[0], class_labels)

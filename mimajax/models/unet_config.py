@@ -12,29 +12,33 @@ CROSS_MID = "UNetMidBlock2DCrossAttn"
 # diffusers knobs that SD1.x/2.x leave at these values; anything else is refused with a clear error
 # rather than silently ignored (it would change the architecture).
 _FIXED_KNOBS = {
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "time_cond_proj_dim": None,
-    "dual_cross_attention": False,
-    "attention_type": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_act_fn": None,
-    "cross_attention_norm": None,
-    "mid_block_only_cross_attention": None,
-    "reverse_transformer_layers_per_block": None,
-    "class_embeddings_concat": False,
-    "addition_time_embed_dim": None,
-    "projection_class_embeddings_input_dim": None,
-    "num_attention_heads": None,
+  "class_embed_type": None,
+  "addition_embed_type": None,
+  "encoder_hid_dim": None,
+  "encoder_hid_dim_type": None,
+  "time_cond_proj_dim": None,
+  "dual_cross_attention": False,
+  "attention_type": "default",
+  "resnet_skip_time_act": False,
+  "resnet_out_scale_factor": 1.0,
+  "time_embedding_type": "positional",
+  "time_embedding_act_fn": None,
+  "cross_attention_norm": None,
+  "mid_block_only_cross_attention": None,
+  "reverse_transformer_layers_per_block": None,
+  "class_embeddings_concat": False,
+  "addition_time_embed_dim": None,
+  "projection_class_embeddings_input_dim": None,
+  "num_attention_heads": None,
 }
 
 
-_PER_BLOCK = ("only_cross_attention", "layers_per_block", "transformer_layers_per_block",
-              "attention_head_dim")
+_PER_BLOCK = (
+  "only_cross_attention",
+  "layers_per_block",
+  "transformer_layers_per_block",
+  "attention_head_dim",
+)
 
 
 def _per_block(value, n: int, name: str) -> tuple:
@@ -84,8 +88,9 @@ class UNetConfig:
     n = len(self.block_out_channels)
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
       raise ValueError(
-          f"down_block_types ({len(self.down_block_types)}), up_block_types ({len(self.up_block_types)}) "
-          f"and block_out_channels ({n}) must have the same length")
+        f"down_block_types ({len(self.down_block_types)}), up_block_types ({len(self.up_block_types)}) "
+        f"and block_out_channels ({n}) must have the same length"
+      )
     for t in self.down_block_types:
       if t not in (CROSS_DOWN, PLAIN_DOWN):
         raise ValueError(f"down block type {t!r} not supported; expected {CROSS_DOWN!r} or {PLAIN_DOWN!r}")
@@ -96,8 +101,10 @@ class UNetConfig:
       raise ValueError(f"mid_block_type {self.mid_block_type!r} not supported; expected {CROSS_MID!r} or None")
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f"block_out_channels {tuple(self.block_out_channels)} must be divisible by "
-                         f"norm_num_groups={self.norm_num_groups}")
+        raise ValueError(
+          f"block_out_channels {tuple(self.block_out_channels)} must be divisible by "
+          f"norm_num_groups={self.norm_num_groups}"
+        )
     # Normalise per-block values so every consumer sees tuples.
     for name in _PER_BLOCK:
       object.__setattr__(self, name, _per_block(getattr(self, name), n, name))
@@ -116,11 +123,16 @@ class UNetConfig:
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
     """Reads a diffusers `UNet2DConditionModel` config dict; refuses knobs SD1.x/2.x do not use."""
-    bad = {k: config[k] for k, default in _FIXED_KNOBS.items()
-           if k in config and config[k] != default and config[k] is not None}
+    bad = {
+      k: config[k]
+      for k, default in _FIXED_KNOBS.items()
+      if k in config and config[k] != default and config[k] is not None
+    }
     if bad:
-      raise ValueError(f"unsupported UNet2DConditionModel config values {bad}; mimajax implements the "
-                       f"SD1.x/2.x architecture (expected {({k: _FIXED_KNOBS[k] for k in bad})})")
+      raise ValueError(
+        f"unsupported UNet2DConditionModel config values {bad}; mimajax implements the "
+        f"SD1.x/2.x architecture (expected { ({k: _FIXED_KNOBS[k] for k in bad}) })"
+      )
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in fields}
     return cls(**kwargs)

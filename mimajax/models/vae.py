@@ -43,8 +43,10 @@ class VAEConfig:
     object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f"VAE block_out_channels {self.block_out_channels} must be divisible by "
-                         f"norm_num_groups={self.norm_num_groups}")
+        raise ValueError(
+          f"VAE block_out_channels {self.block_out_channels} must be divisible by "
+          f"norm_num_groups={self.norm_num_groups}"
+        )
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any]) -> "VAEConfig":
@@ -70,11 +72,21 @@ class VAEConfig:
 
 class EncoderDownBlock(nnx.Module):
   def __init__(self, cfg: VAEConfig, in_ch: int, out_ch: int, downsample: bool, *, dtype, rngs):
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_channels=None, groups=cfg.norm_num_groups,
-                      eps=1e-6, act_fn=cfg.act_fn, dtype=dtype, rngs=rngs)
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_ch if j == 0 else out_ch,
+          out_ch,
+          temb_channels=None,
+          groups=cfg.norm_num_groups,
+          eps=1e-6,
+          act_fn=cfg.act_fn,
+          dtype=dtype,
+          rngs=rngs,
+        )
         for j in range(cfg.layers_per_block)
-    ])
+      ]
+    )
     self.downsamplers = nnx.List([Downsample2D(out_ch, padding=0, dtype=dtype, rngs=rngs)]) if downsample else None
 
   def __call__(self, x):
@@ -85,11 +97,21 @@ class EncoderDownBlock(nnx.Module):
 
 class DecoderUpBlock(nnx.Module):
   def __init__(self, cfg: VAEConfig, in_ch: int, out_ch: int, upsample: bool, *, dtype, rngs):
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_ch if j == 0 else out_ch, out_ch, temb_channels=None, groups=cfg.norm_num_groups,
-                      eps=1e-6, act_fn=cfg.act_fn, dtype=dtype, rngs=rngs)
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_ch if j == 0 else out_ch,
+          out_ch,
+          temb_channels=None,
+          groups=cfg.norm_num_groups,
+          eps=1e-6,
+          act_fn=cfg.act_fn,
+          dtype=dtype,
+          rngs=rngs,
+        )
         for j in range(cfg.layers_per_block + 1)
-    ])
+      ]
+    )
     self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if upsample else None
 
   def __call__(self, x):
@@ -102,10 +124,21 @@ class VAEMidBlock(nnx.Module):
   def __init__(self, cfg: VAEConfig, channels: int, *, implementation, dtype, rngs):
     kw = dict(temb_channels=None, groups=cfg.norm_num_groups, eps=1e-6, act_fn=cfg.act_fn, dtype=dtype, rngs=rngs)
     self.resnets = nnx.List([ResnetBlock2D(channels, channels, **kw), ResnetBlock2D(channels, channels, **kw)])
-    self.attentions = nnx.List([
-        VAEAttention(channels, norm_num_groups=cfg.norm_num_groups, implementation=implementation,
-                     dtype=dtype, rngs=rngs)
-    ]) if cfg.mid_block_add_attention else None
+    self.attentions = (
+      nnx.List(
+        [
+          VAEAttention(
+            channels,
+            norm_num_groups=cfg.norm_num_groups,
+            implementation=implementation,
+            dtype=dtype,
+            rngs=rngs,
+          )
+        ]
+      )
+      if cfg.mid_block_add_attention
+      else None
+    )
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -120,10 +153,9 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: VAEConfig, *, implementation=None, dtype=jnp.float32, rngs: nnx.Rngs):
     ch = cfg.block_out_channels
     self.conv_in = conv(cfg.in_channels, ch[0], 3, dtype=dtype, rngs=rngs)
-    self.down_blocks = nnx.List([
-        EncoderDownBlock(cfg, ch[max(i - 1, 0)], ch[i], i < len(ch) - 1, dtype=dtype, rngs=rngs)
-        for i in range(len(ch))
-    ])
+    self.down_blocks = nnx.List(
+      [EncoderDownBlock(cfg, ch[max(i - 1, 0)], ch[i], i < len(ch) - 1, dtype=dtype, rngs=rngs) for i in range(len(ch))]
+    )
     self.mid_block = VAEMidBlock(cfg, ch[-1], implementation=implementation, dtype=dtype, rngs=rngs)
     self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[-1], epsilon=1e-6, dtype=dtype)
     self.act = activation(cfg.act_fn)
@@ -144,10 +176,12 @@ class Decoder(nnx.Module):
     rev = cfg.block_out_channels[::-1]
     self.conv_in = conv(cfg.latent_channels, rev[0], 3, dtype=dtype, rngs=rngs)
     self.mid_block = VAEMidBlock(cfg, rev[0], implementation=implementation, dtype=dtype, rngs=rngs)
-    self.up_blocks = nnx.List([
+    self.up_blocks = nnx.List(
+      [
         DecoderUpBlock(cfg, rev[max(i - 1, 0)], rev[i], i < len(rev) - 1, dtype=dtype, rngs=rngs)
         for i in range(len(rev))
-    ])
+      ]
+    )
     self.conv_norm_out = GroupNorm(cfg.norm_num_groups, rev[-1], epsilon=1e-6, dtype=dtype)
     self.act = activation(cfg.act_fn)
     self.conv_out = conv(rev[-1], cfg.out_channels, 3, dtype=dtype, rngs=rngs)
@@ -190,8 +224,9 @@ class DiagonalGaussian:
 class AutoencoderKL(nnx.Module):
   """SD's VAE: `encode` -> DiagonalGaussian, `decode` latents -> images; `encode_latents` scales."""
 
-  def __init__(self, config: VAEConfig, *, dtype: Dtype = jnp.float32, attention_impl: str | None = None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, config: VAEConfig, *, dtype: Dtype = jnp.float32, attention_impl: str | None = None, rngs: nnx.Rngs
+  ):
     cfg = self.config = config
     self.dtype = dtype
     self.encoder = Encoder(cfg, implementation=attention_impl, dtype=dtype, rngs=rngs)
