@@ -191,6 +191,7 @@ class UNet2DConditionModel(nnx.Module):
   ):
     cfg = self.config = config
     self.dtype = dtype
+    self.attention_impl = attention_impl
     kw = dict(implementation=attention_impl, dtype=dtype, rngs=rngs)
     c0 = cfg.block_out_channels[0]
     self.conv_in = conv(cfg.in_channels, c0, cfg.conv_in_kernel, dtype=dtype, rngs=rngs)
