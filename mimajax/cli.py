@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mimajax.parity import PARITY_TOLERANCE
+from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
 
 
 def _parity(args) -> int:
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("parity", help="compare a component against its PyTorch reference; last line rel_err=")
-  p.add_argument("--component", required=True, choices=["unet", "vae", "scheduler"])
+  p.add_argument("--component", required=True, choices=sorted(COMPONENTS))
   p.add_argument("--size", default="tiny", choices=["tiny", "sd15"])
   p.add_argument("--pretrained", default=None, help="local diffusers folder (pipeline or component)")
   p.add_argument("--seed", type=int, default=0)
@@ -65,13 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
   b = sub.add_parser("bench", help="time a training step against PyTorch; last line ratio=")
   b.add_argument("what", choices=["unet"])
-  b.add_argument("--size", default="tiny", choices=["tiny", "sd15"], help="base U-Net config")
+  b.add_argument("--size", default="sd15", choices=["tiny", "sd15"], help="base U-Net config")
   b.add_argument("--block-out-channels", default="", help="override, e.g. 128,256,256")
-  b.add_argument("--batch", type=int, default=2)
+  b.add_argument("--batch", type=int, default=1)
   b.add_argument("--resolution", type=int, default=256, help="image pixels; latents are 1/8")
   b.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 parameters)")
   b.add_argument("--attention-impl", default="blockwise", choices=["xla", "cudnn", "blockwise"])
-  b.add_argument("--repeats", type=int, default=5)
+  b.add_argument("--repeats", type=int, default=3)
   b.add_argument("--no-torch", action="store_true", help="time JAX only (e.g. on a GPU without torch)")
   b.set_defaults(fn=_bench)
   return parser

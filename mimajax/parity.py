@@ -144,4 +144,26 @@ def scheduler_parity(size: str = "tiny", seed: int = 0, log: Callable[[str], Non
   return err
 
 
-COMPONENTS = {"unet": unet_parity, "vae": vae_parity, "scheduler": scheduler_parity}
+def clip_parity(size: str = "tiny", pretrained: str | None = None, seed: int = 0, log=print) -> float:
+  """transformers' CLIPVisionModelWithProjection vs mimajax: every hidden state, e_id, image embeds."""
+  from mimajax.convert import clip_format
+
+  return clip_format.clip_parity(size=size, pretrained=pretrained, seed=seed, log=log)
+
+
+def motion_parity(size: str = "tiny", pretrained: str | None = None, seed: int = 0, log=print) -> float:
+  """diffusers' UNetMotionModel (AnimateDiff) vs mimajax's video U-Net on random video latents."""
+  if pretrained:
+    raise ValueError("--pretrained is not supported for --component motion (random weights only)")
+  from mimajax.convert import animatediff_format
+
+  return animatediff_format.motion_parity(size=size, seed=seed, log=log)
+
+
+COMPONENTS = {
+  "unet": unet_parity,
+  "vae": vae_parity,
+  "scheduler": scheduler_parity,
+  "clip": clip_parity,
+  "motion": motion_parity,
+}
