@@ -128,27 +128,31 @@ def bench_unet(
         result["mfu"] = flops / jax_s / peak
         log(f"MFU: {100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s peak")
   if compare_torch:
-    torch_s = _bench_torch_unet(config, x, t, ctx, target, warmup, repeats, seed)
+    torch_s = _bench_torch_unet(config, x, t, ctx, target, warmup, repeats, seed, bf16=dtype == jnp.bfloat16)
     result["torch_s"] = torch_s
     log(f"torch train step (fwd+bwd): {torch_s * 1e3:9.1f} ms median of {repeats}")
     result["ratio"] = jax_s / torch_s
   return result
 
 
-def _bench_torch_unet(config: UNetConfig, x, t, ctx, target, warmup, repeats, seed) -> float:
+def _bench_torch_unet(config: UNetConfig, x, t, ctx, target, warmup, repeats, seed, bf16: bool = False) -> float:
+  """The same step in diffusers on the same machine (CUDA if torch sees a GPU), SDPA attention."""
   import torch
   from diffusers import UNet2DConditionModel as TorchUNet
 
   torch.manual_seed(seed)
-  model = TorchUNet(**config.to_diffusers()).train()
-  xt = torch.from_numpy(np.moveaxis(x, -1, 1).copy())
-  tt = torch.from_numpy(t.astype(np.int64))
-  ct = torch.from_numpy(ctx)
-  yt = torch.from_numpy(np.moveaxis(target, -1, 1).copy())
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = TorchUNet(**config.to_diffusers()).to(device).train()
+  as_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+  xt, ct = as_torch(np.moveaxis(x, -1, 1)), as_torch(ctx)
+  yt, tt = as_torch(np.moveaxis(target, -1, 1)), as_torch(t.astype(np.int64))
 
   def run():
     model.zero_grad(set_to_none=True)
-    loss = torch.mean((model(xt, tt, ct).sample - yt) ** 2)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      loss = torch.mean((model(xt, tt, ct).sample.float() - yt) ** 2)
     loss.backward()
+    if device == "cuda":
+      torch.cuda.synchronize()
 
   return _median_time(run, warmup, repeats)
