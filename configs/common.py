@@ -73,6 +73,9 @@ UNET_AXIS_RULES = (
   ("conv_width", None),
   ("norm", None),
 )
+# CLIP ViT-L/14 (304M) and the MIA adapter: FSDP on the embedding axis like the U-Net; the position
+# table is small and replicated.
+CLIP_AXIS_RULES = UNET_AXIS_RULES + (("positions", None),)
 # The VAE is small (84M) and activation-heavy: replicate its parameters, shard only the batch.
 VAE_AXIS_RULES = tuple((name, None) for name, _ in UNET_AXIS_RULES)
 
@@ -104,4 +107,5 @@ def base_config(size: str, name: str) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
   config.unet_axis_rules = UNET_AXIS_RULES
   config.vae_axis_rules = VAE_AXIS_RULES
+  config.clip_axis_rules = CLIP_AXIS_RULES
   return config

@@ -102,8 +102,12 @@ def write_folder(
   state: Mapping[str, np.ndarray],
   weights_name: str = WEIGHTS_NAME,
   overwrite: bool = False,
+  stamp_diffusers_version: bool = True,
 ) -> Path:
-  """Writes config.json + safetensors into a temporary folder, then renames it into place."""
+  """Writes config.json + safetensors into a temporary folder, then renames it into place.
+
+  `stamp_diffusers_version=False` for folders that transformers (not diffusers) reads.
+  """
   from safetensors.numpy import save_file
 
   folder = Path(folder)
@@ -113,7 +117,8 @@ def write_folder(
   tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
   try:
     cfg = dict(config)
-    cfg.setdefault("_diffusers_version", DIFFUSERS_VERSION)
+    if stamp_diffusers_version:
+      cfg.setdefault("_diffusers_version", DIFFUSERS_VERSION)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     save_file(
       {k: np.ascontiguousarray(v) for k, v in state.items()},
