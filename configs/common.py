@@ -8,7 +8,10 @@ import dataclasses
 
 import ml_collections
 
+from mimajax.models.clip_vision import CLIP_VIT_L14, CLIPVisionConfig
+from mimajax.models.mia import MIAConfig
 from mimajax.models.unet_config import UNetConfig
+from mimajax.models.unet_motion import MotionConfig
 from mimajax.models.vae import VAEConfig
 
 
@@ -80,6 +83,46 @@ CLIP_AXIS_RULES = UNET_AXIS_RULES + (("positions", None),)
 VAE_AXIS_RULES = tuple((name, None) for name, _ in UNET_AXIS_RULES)
 
 
+def clip_config(size: str) -> ml_collections.ConfigDict:
+  """CLIP ViT-L/14 (the paper's appearance encoder) or a tiny ViT with the same structure."""
+  if size == "sd15":
+    return dataclass_config(CLIP_VIT_L14)
+  return dataclass_config(
+    CLIPVisionConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      projection_dim=16,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=32,
+      patch_size=8,
+    )
+  )
+
+
+def mia_config(size: str, variant: str = "paper") -> ml_collections.ConfigDict:
+  """MIA sizes: ViT-L/14 -> SD1.5's 768-dim context, or tiny."""
+  if size == "sd15":
+    return dataclass_config(MIAConfig(variant=variant))
+  return dataclass_config(
+    MIAConfig(
+      variant=variant,
+      clip_dim=32,
+      cross_attention_dim=32,
+      num_heads=4,
+      adapter_layers=2,
+      face_recognition_dim=50,
+      clip_tokens=17,
+      release_layers=2,
+    )
+  )
+
+
+def motion_config(size: str) -> ml_collections.ConfigDict:
+  """AnimateDiff v3 motion modules (8 heads, 32 frames, no mid block); 4 heads when tiny."""
+  return dataclass_config(MotionConfig(num_attention_heads=8 if size == "sd15" else 4))
+
+
 def model_config(size: str) -> ml_collections.ConfigDict:
   """config.model for `size` in {"tiny", "sd15"}."""
   if size not in ("tiny", "sd15"):
@@ -88,6 +131,9 @@ def model_config(size: str) -> ml_collections.ConfigDict:
     dict(
       unet=tiny_unet() if size == "tiny" else sd15_unet(),
       vae=tiny_vae() if size == "tiny" else sd15_vae(),
+      clip=clip_config(size),
+      mia=mia_config(size),
+      motion=motion_config(size),
       # "blockwise": memory-efficient, fastest on CPU; "xla": plain fused attention (GPU/TPU fp32);
       # "cudnn": flash attention on NVIDIA GPUs (bf16/fp16 only).
       attention_impl="blockwise" if size == "tiny" else "xla",
