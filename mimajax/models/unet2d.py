@@ -74,12 +74,15 @@ class DownBlock(nnx.Module):
       nnx.List([Downsample2D(out, padding=cfg.downsample_padding, dtype=dtype, rngs=rngs)]) if not is_final else None
     )
 
-  def __call__(self, x, temb, context):
+  def layer(self, j, x, temb, context):
+    """Layer j: resnet (+ spatial transformer); the video U-Net extends it with a motion module."""
+    x = self.resnets[j](x, temb)
+    return self.attentions[j](x, context) if self.attentions is not None else x
+
+  def __call__(self, x, temb, context, **layer_kw):
     skips = []
-    for j, resnet in enumerate(self.resnets):
-      x = resnet(x, temb)
-      if self.attentions is not None:
-        x = self.attentions[j](x, context)
+    for j in range(len(self.resnets)):
+      x = self.layer(j, x, temb, context, **layer_kw)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
@@ -173,11 +176,14 @@ class UpBlock(nnx.Module):
     )
     self.upsamplers = nnx.List([Upsample2D(out, dtype=dtype, rngs=rngs)]) if index < n - 1 else None
 
-  def __call__(self, x, skips, temb, context, upsample_size=None):
-    for j, resnet in enumerate(self.resnets):
-      x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
-      if self.attentions is not None:
-        x = self.attentions[j](x, context)
+  def layer(self, j, x, skip, temb, context):
+    """Layer j on [x; skip]: resnet (+ spatial transformer); the video U-Net adds a motion module."""
+    x = self.resnets[j](jnp.concatenate([x, skip], axis=-1), temb)
+    return self.attentions[j](x, context) if self.attentions is not None else x
+
+  def __call__(self, x, skips, temb, context, upsample_size=None, **layer_kw):
+    for j in range(len(self.resnets)):
+      x = self.layer(j, x, skips.pop(), temb, context, **layer_kw)
     if self.upsamplers is not None:
       x = self.upsamplers[0](x, upsample_size)
     return x
@@ -205,18 +211,28 @@ class UNet2DConditionModel(nnx.Module):
     )
     blocks, channels = [], c0
     for i in range(len(cfg.block_out_channels)):
-      blocks.append(DownBlock(cfg, i, channels, **kw))
+      blocks.append(self._down_block(cfg, i, channels, **kw))
       channels = cfg.block_out_channels[i]
     self.down_blocks = nnx.List(blocks)
-    self.mid_block = MidBlock(cfg, **kw) if cfg.mid_block_type else None
+    self.mid_block = self._mid_block(cfg, **kw) if cfg.mid_block_type else None
     blocks = []
     for i in range(len(cfg.block_out_channels)):
-      blocks.append(UpBlock(cfg, i, channels, **kw))
+      blocks.append(self._up_block(cfg, i, channels, **kw))
       channels = cfg.block_out_channels[::-1][i]
     self.up_blocks = nnx.List(blocks)
     self.conv_norm_out = GroupNorm(cfg.norm_num_groups, c0, epsilon=cfg.norm_eps, dtype=dtype)
     self.act = activation(cfg.act_fn)
     self.conv_out = conv(c0, cfg.out_channels, cfg.conv_out_kernel, dtype=dtype, rngs=rngs)
+
+  # Block constructors, overridden by the video U-Net (unet_motion.py) to add motion modules.
+  def _down_block(self, cfg, index, in_channels, **kw):
+    return DownBlock(cfg, index, in_channels, **kw)
+
+  def _mid_block(self, cfg, **kw):
+    return MidBlock(cfg, **kw)
+
+  def _up_block(self, cfg, index, prev_channels, **kw):
+    return UpBlock(cfg, index, prev_channels, **kw)
 
   def time_embed(self, timesteps: jax.Array, batch: int, class_labels: jax.Array | None = None) -> jax.Array:
     """Timestep (and optional class) embedding, (batch, time_embed_dim)."""
@@ -252,19 +268,23 @@ class UNet2DConditionModel(nnx.Module):
     if cfg.center_input_sample:
       sample = 2 * sample - 1.0
     temb = self.time_embed(timesteps, sample.shape[0], class_labels)
-    context = encoder_hidden_states.astype(self.dtype)
+    return self._denoise(sample, temb, encoder_hidden_states)
+
+  def _denoise(self, sample: jax.Array, temb: jax.Array, context: jax.Array, **block_kw) -> jax.Array:
+    """conv_in -> down -> mid -> up -> conv_out on (N, H, W, C); `block_kw` reaches every block."""
+    context = context.astype(self.dtype)
     x = self.conv_in(sample.astype(self.dtype))
     skips = [x]
     for block in self.down_blocks:
-      x, block_skips = block(x, temb, context)
+      x, block_skips = block(x, temb, context, **block_kw)
       skips.extend(block_skips)
     if self.mid_block is not None:
-      x = self.mid_block(x, temb, context)
+      x = self.mid_block(x, temb, context, **block_kw)
     for block in self.up_blocks:
       n = len(block.resnets)
       block_skips, skips = skips[-n:], skips[:-n]
       # Upsample to the next skip's size so latents not divisible by 2**depth still work.
       up_size = skips[-1].shape[1:3] if skips else None
-      x = block(x, block_skips, temb, context, up_size)
+      x = block(x, block_skips, temb, context, up_size, **block_kw)
     x = self.conv_out(self.act(self.conv_norm_out(x)))
     return x.astype(jnp.float32)
