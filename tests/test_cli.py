@@ -8,7 +8,7 @@ import pytest
 from mimajax import cli, parity
 
 
-@pytest.mark.parametrize("component", ["scheduler", "vae", "unet", "clip"])
+@pytest.mark.parametrize("component", ["scheduler", "vae", "unet", "clip", "motion"])
 def test_parity_command_prints_rel_err_last(component, capsys):
   assert cli.main(["parity", "--component", component, "--size", "tiny"]) == 0
   last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -38,7 +38,7 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("component", ["unet", "vae", "clip"])
+@pytest.mark.parametrize("component", ["unet", "vae", "clip", "motion"])
 def test_parity_sd15_full_size(component, capsys):
   """The full SD1.5 architecture with random weights (minutes on CPU; what GPU users run)."""
   assert cli.main(["parity", "--component", component, "--size", "sd15"]) == 0

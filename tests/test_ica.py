@@ -34,14 +34,14 @@ def test_zero_initialised_new_channels_leave_the_output_unchanged():
   mask = jnp.ones((2, 8, 8, 1))
   ctx = jax.random.normal(k[3], (2, 3, 16))
   t = jnp.array([5, 900])
-  want = sd(noisy, t, ctx)
-  got = wide(ica.unet_input(noisy, render, cond, mask), t, ctx)
+  want = jax.jit(lambda m, *a: m(*a))(sd, noisy, t, ctx)
+  got = jax.jit(lambda m, *a: m(*a))(wide, ica.unet_input(noisy, render, cond, mask), t, ctx)
   # equal up to fp32 summation order (the conv's reduction over 13 vs 4 channels is blocked differently)
   assert rel_err(got, want) < 1e-6
   # and the widened weights are trainable: the new channels get gradients
   graphdef, params = nnx.split(wide, nnx.Param)
   x = ica.unet_input(noisy, render, cond, mask)
-  grads = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, ctx) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, ctx) ** 2)))(params)
   assert float(jnp.abs(grads["conv_in"]["kernel"][...][:, :, 4:]).sum()) > 0
 
 

@@ -29,8 +29,8 @@ from flax import nnx
 from mimajax.convert.diffusers_format import (
   UNET,
   UNET_RENAMES,
-  _read_safetensors,
   read_config,
+  read_safetensors,
   read_state_dict,
   write_folder,
 )
@@ -327,7 +327,7 @@ def read_animatediff_checkpoint(path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise CheckpointReadError(f"no AnimateDiff checkpoint at {path}")
   if path.suffix == ".safetensors":
-    return _read_safetensors(path)
+    return read_safetensors(path)
   import torch  # pickled checkpoints only
 
   try:

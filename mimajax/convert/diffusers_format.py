@@ -47,7 +47,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     raise CheckpointReadError(f"cannot read {path}: {e}") from e
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
@@ -79,7 +79,7 @@ def read_state_dict(
   stem = f"{weights_name}.{variant}" if variant else weights_name
   single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
   if single.is_file():
-    return _read_safetensors(single)
+    return read_safetensors(single)
   if index.is_file():
     try:
       shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -87,7 +87,7 @@ def read_state_dict(
       raise CheckpointReadError(f"cannot read shard index {index}: {e}") from e
     out = {}
     for shard in shards:
-      out.update(_read_safetensors(folder / shard))
+      out.update(read_safetensors(folder / shard))
     return out
   if (folder / f"{stem}.bin").is_file():
     return _read_torch_bin(folder / f"{stem}.bin")

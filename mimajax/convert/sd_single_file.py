@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
+from mimajax.models.unet_config import per_block_values
 
 __all__ = [
   "CheckpointKeyError",
@@ -154,14 +155,6 @@ def _get(config: Mapping[str, Any], defaults: Mapping[str, Any], key: str) -> An
   return config.get(key, defaults[key])
 
 
-def _per_block(value: Any, n: int, name: str) -> list:
-  if isinstance(value, (list, tuple)):
-    if len(value) != n:
-      raise ValueError(f"config {name}={list(value)} has {len(value)} entries, expected {n} (one per block)")
-    return list(value)
-  return [value] * n
-
-
 def _unet_config(config: Any) -> dict[str, Any]:
   cfg = _as_config(config)
   g = lambda k: _get(cfg, _UNET_DEFAULTS, k)  # noqa: E731
@@ -186,7 +179,7 @@ def _unet_config(config: Any) -> dict[str, Any]:
   if g("mid_block_type") != "UNetMidBlock2DCrossAttn":
     problems.append(f"mid_block_type {g('mid_block_type')!r} (supported: UNetMidBlock2DCrossAttn)")
   only_cross = g("only_cross_attention")
-  if any(_per_block(only_cross, max(n, 1), "only_cross_attention")) or g("mid_block_only_cross_attention"):
+  if any(per_block_values(only_cross, max(n, 1), "only_cross_attention")) or g("mid_block_only_cross_attention"):
     problems.append("only_cross_attention / mid_block_only_cross_attention")
   for key in (
     "class_embed_type",
@@ -226,10 +219,10 @@ def _unet_config(config: Any) -> dict[str, Any]:
     "down_block_types": down,
     "up_block_types": up,
     "block_out_channels": boc,
-    "layers_per_block": [int(x) for x in _per_block(g("layers_per_block"), n, "layers_per_block")],
-    "transformer_layers_per_block": [int(x) for x in _per_block(tlpb, n, "transformer_layers_per_block")],
-    "num_attention_heads": [int(x) for x in _per_block(heads, n, "attention_head_dim")],
-    "cross_attention_dim": [int(x) for x in _per_block(g("cross_attention_dim"), n, "cross_attention_dim")],
+    "layers_per_block": [int(x) for x in per_block_values(g("layers_per_block"), n, "layers_per_block")],
+    "transformer_layers_per_block": [int(x) for x in per_block_values(tlpb, n, "transformer_layers_per_block")],
+    "num_attention_heads": [int(x) for x in per_block_values(heads, n, "attention_head_dim")],
+    "cross_attention_dim": [int(x) for x in per_block_values(g("cross_attention_dim"), n, "cross_attention_dim")],
     "use_linear_projection": bool(g("use_linear_projection")),
     "scale_shift": g("resnet_time_scale_shift") == "scale_shift",
     "time_embed_dim": int(g("time_embedding_dim") or boc[0] * 4),

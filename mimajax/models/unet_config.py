@@ -41,10 +41,11 @@ _PER_BLOCK = (
 )
 
 
-def _per_block(value, n: int, name: str) -> tuple:
+def per_block_values(value, n: int, name: str) -> tuple:
+  """A per-block config value (a scalar for every block, or one entry per block) as an n-tuple."""
   if isinstance(value, (list, tuple)):
     if len(value) != n:
-      raise ValueError(f"{name} has {len(value)} entries but there are {n} down blocks")
+      raise ValueError(f"config {name}={list(value)} has {len(value)} entries, expected {n} (one per block)")
     return tuple(value)
   return (value,) * n
 
@@ -107,7 +108,7 @@ class UNetConfig:
         )
     # Normalise per-block values so every consumer sees tuples.
     for name in _PER_BLOCK:
-      object.__setattr__(self, name, _per_block(getattr(self, name), n, name))
+      object.__setattr__(self, name, per_block_values(getattr(self, name), n, name))
     object.__setattr__(self, "down_block_types", tuple(self.down_block_types))
     object.__setattr__(self, "up_block_types", tuple(self.up_block_types))
     object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))

@@ -19,7 +19,15 @@ from flax import nnx
 
 from mimajax.models.motion_module import MotionModule
 from mimajax.models.unet2d import DownBlock, MidBlock, UNet2DConditionModel, UpBlock
-from mimajax.models.unet_config import CROSS_DOWN, CROSS_MID, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNetConfig, _per_block
+from mimajax.models.unet_config import (
+  CROSS_DOWN,
+  CROSS_MID,
+  CROSS_UP,
+  PLAIN_DOWN,
+  PLAIN_UP,
+  UNetConfig,
+  per_block_values,
+)
 
 Dtype = Any
 
@@ -106,8 +114,10 @@ class MotionConfig:
     """With per-block values expanded to n tuples."""
     return dataclasses.replace(
       self,
-      num_attention_heads=_per_block(_flat_ints(self.num_attention_heads, "num_attention_heads"), n, "motion heads"),
-      transformer_layers_per_block=_per_block(
+      num_attention_heads=per_block_values(
+        _flat_ints(self.num_attention_heads, "num_attention_heads"), n, "motion heads"
+      ),
+      transformer_layers_per_block=per_block_values(
         _flat_ints(self.transformer_layers_per_block, "transformer_layers_per_block"), n, "motion layers"
       ),
     )
