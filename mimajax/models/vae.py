@@ -70,23 +70,28 @@ class VAEConfig:
     return out
 
 
+def _resnets(cfg: VAEConfig, in_ch: int, out_ch: int, count: int, *, dtype, rngs) -> nnx.List:
+  """`count` time-embedding-free resnets, the first taking `in_ch` channels."""
+  return nnx.List(
+    [
+      ResnetBlock2D(
+        in_ch if j == 0 else out_ch,
+        out_ch,
+        temb_channels=None,
+        groups=cfg.norm_num_groups,
+        eps=1e-6,
+        act_fn=cfg.act_fn,
+        dtype=dtype,
+        rngs=rngs,
+      )  # fmt: skip
+      for j in range(count)
+    ]
+  )
+
+
 class EncoderDownBlock(nnx.Module):
   def __init__(self, cfg: VAEConfig, in_ch: int, out_ch: int, downsample: bool, *, dtype, rngs):
-    self.resnets = nnx.List(
-      [
-        ResnetBlock2D(
-          in_ch if j == 0 else out_ch,
-          out_ch,
-          temb_channels=None,
-          groups=cfg.norm_num_groups,
-          eps=1e-6,
-          act_fn=cfg.act_fn,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for j in range(cfg.layers_per_block)
-      ]
-    )
+    self.resnets = _resnets(cfg, in_ch, out_ch, cfg.layers_per_block, dtype=dtype, rngs=rngs)
     self.downsamplers = nnx.List([Downsample2D(out_ch, padding=0, dtype=dtype, rngs=rngs)]) if downsample else None
 
   def __call__(self, x):
@@ -97,21 +102,7 @@ class EncoderDownBlock(nnx.Module):
 
 class DecoderUpBlock(nnx.Module):
   def __init__(self, cfg: VAEConfig, in_ch: int, out_ch: int, upsample: bool, *, dtype, rngs):
-    self.resnets = nnx.List(
-      [
-        ResnetBlock2D(
-          in_ch if j == 0 else out_ch,
-          out_ch,
-          temb_channels=None,
-          groups=cfg.norm_num_groups,
-          eps=1e-6,
-          act_fn=cfg.act_fn,
-          dtype=dtype,
-          rngs=rngs,
-        )
-        for j in range(cfg.layers_per_block + 1)
-      ]
-    )
+    self.resnets = _resnets(cfg, in_ch, out_ch, cfg.layers_per_block + 1, dtype=dtype, rngs=rngs)
     self.upsamplers = nnx.List([Upsample2D(out_ch, dtype=dtype, rngs=rngs)]) if upsample else None
 
   def __call__(self, x):
