@@ -1,0 +1,81 @@
+"""The device mesh and the map from the modules' logical axis names to mesh axes.
+
+Parameters carry logical names (`embed`, `heads`, `mlp`, `conv_out`, ...) in their `out_sharding`
+metadata; the config's rules (`configs/common.py`) say which mesh axis each name is split over.
+A name whose dimension does not divide by its mesh axis, or whose mesh axis is already used by an
+earlier dimension of the same array, stays replicated: tiny configs shard as far as they can and
+never fail. Batches are split over ("data", "fsdp") — FSDP shards the batch as well as the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh; one entry may be -1 for all remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh axes {sorted(unknown)} unknown; expected a subset of {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1; got {dict(zip(MESH_AXES, sizes))}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide into a mesh with fixed axes of product {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(
+      f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices; {len(devices)} available"
+    )
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Rules, mesh: Mesh) -> P:
+  """PartitionSpec for an array with these logical dimension names under the rules."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(names, shape):
+    target = table.get(name) if name is not None else None
+    axes = (target,) if isinstance(target, str) else tuple(target or ())
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if not axes or used.intersection(axes) or dim % size:
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for every variable of an nnx State (unannotated ones replicated)."""
+
+  def one(var):
+    names = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
+    shape = np.shape(var[...]) if hasattr(var, "__getitem__") else np.shape(var)
+    spec = logical_to_spec(names, shape, rules, mesh) if names else P()
+    return var.replace(NamedSharding(mesh, spec))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) axis split over data and fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,135 @@
+"""The jitted train step: trainable masks, accumulation, NaN handling, sharding over 8 simulated devices."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mimajax import train_step
+from mimajax.models.layers import linear
+
+
+class TinyRegressor(nnx.Module):
+  def __init__(self, rngs):
+    self.encoder = linear(4, 8, rngs=rngs)
+    self.head = linear(8, 1, axes=("mlp", None), rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(self.encoder(x)))
+
+
+def mse(model, batch, rng, bank):
+  del rng, bank
+  loss = jnp.mean((model(batch["x"])[:, 0] - batch["y"]) ** 2)
+  return loss, {"mse": loss}
+
+
+def _setup(patterns, accumulation_steps=1, lr=1e-2, max_grad_norm=None):
+  model = TinyRegressor(nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = train_step.make_optimizer(train_step.trainable_labels(params, patterns), learning_rate=lr,
+                                 max_grad_norm=max_grad_norm, weight_decay=0.0)  # fmt: skip
+  state = train_step.init_state(model, tx, jax.random.key(0))
+  step = jax.jit(train_step.make_train_step(graphdef, rest, mse, tx, accumulation_steps=accumulation_steps))
+  return state, step
+
+
+def _batch(n=8, seed=0):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return {"x": jax.random.normal(k1, (n, 4)), "y": jax.random.normal(k2, (n,))}
+
+
+def _flat(params):
+  return {train_step.path_string(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
+
+
+def test_frozen_parameters_do_not_move_and_have_no_optimizer_state():
+  state, step = _setup(["^head/"])
+  before = _flat(state.params)
+  for i in range(3):
+    state, metrics = step(state, _batch(seed=i))
+  after = _flat(state.params)
+  for k in before:
+    if k.startswith("encoder/"):
+      np.testing.assert_array_equal(after[k], before[k])
+    else:
+      assert not np.array_equal(after[k], before[k]), k
+  # Adam moments exist only for the two head tensors (kernel, bias): 2 x (mu, nu) = 4 arrays, + count
+  moment_sizes = sorted(int(x.size) for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+  assert moment_sizes == [1, 1, 8, 8]
+  assert int(state.step) == 3 and bool(metrics["finite"])
+
+
+def test_patterns_that_match_nothing_are_refused():
+  with pytest.raises(ValueError, match="match no parameter"):
+    _setup(["^unet/"])
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+  big, step_big = _setup([".*"], accumulation_steps=1)
+  acc, step_acc = _setup([".*"], accumulation_steps=4)
+  for i in range(3):
+    big, m_big = step_big(big, _batch(seed=i))
+    acc, m_acc = step_acc(acc, _batch(seed=i))
+  np.testing.assert_allclose(float(m_acc["loss"]), float(m_big["loss"]), rtol=1e-6)
+  for k, v in _flat(big.params).items():
+    np.testing.assert_allclose(_flat(acc.params)[k], v, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="does not split into 4"):
+    step_acc(acc, _batch(n=6))
+
+
+def test_non_finite_step_keeps_the_state_and_names_the_step():
+  state, step = _setup([".*"])
+  state, _ = step(state, _batch())
+  good = _flat(state.params)
+  bad = _batch()
+  bad["y"] = bad["y"].at[0].set(jnp.nan)
+  new, metrics = step(state, bad)
+  assert not bool(metrics["finite"])
+  assert int(new.step) == 1
+  for k, v in _flat(new.params).items():
+    np.testing.assert_array_equal(v, good[k])
+  with pytest.raises(FloatingPointError, match=r"step 1 in \['grad_norm', 'loss', 'mse'\]"):
+    train_step.check_finite(jax.device_get(metrics), 1)
+
+
+def test_step_rng_is_fold_in_of_the_step():
+  """Resuming from a saved state continues the exact random stream (the key depends only on rng and step)."""
+  seen = []
+
+  def record(model, batch, rng, bank):
+    seen.append(rng)
+    return mse(model, batch, rng, bank)
+
+  model = TinyRegressor(nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = train_step.make_optimizer(train_step.trainable_labels(params, [".*"]))
+  state = train_step.init_state(model, tx, jax.random.key(7))
+  step = train_step.make_train_step(graphdef, rest, record, tx)
+  state, _ = step(state, _batch())
+  state, _ = step(state, _batch())
+  assert jnp.array_equal(jax.random.key_data(seen[1]), jax.random.key_data(jax.random.fold_in(jax.random.key(7), 1)))
+
+
+def test_sharded_step_matches_single_device_on_8_simulated_devices():
+  script = os.path.join(os.path.dirname(__file__), "_sharded_train_step.py")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["param_rel_err"] < 1e-5, result["param_rel_err"]
+  assert result["max_tensor_rel_err"] < 1e-4, result["max_tensor_rel_err"]
+  assert result["bank_rel_err"] < 1e-5
+  assert abs(result["loss_sharded"] - result["loss_single"]) <= 1e-5 * abs(result["loss_single"])
+  specs = result["specs"]
+  # the rules: embed -> fsdp, heads -> tensor, conv_out -> fsdp, norm replicated
+  q = "unet/down_blocks/0/attentions/0/transformer_blocks/0/attn1/to_q/kernel"
+  assert specs[q] == "P('fsdp', 'tensor')", specs[q]
+  assert specs["unet/conv_in/kernel"] == "P(None, None, None, 'fsdp')", specs["unet/conv_in/kernel"]
+  assert specs["unet/conv_norm_out/scale"] == "P(None,)", specs["unet/conv_norm_out/scale"]
