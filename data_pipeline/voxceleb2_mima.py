@@ -1,0 +1,150 @@
+"""TFDS builder `voxceleb2_mima`: a manually downloaded VoxCeleb2 (+ 3DMM coefficients) as array_record.
+
+A thin wrapper over prepare.py: the same discovery, coefficient checks, cropping and segmentation, so
+one example is one `records.Record` (a segment of up to frames_per_record frames of one clip).
+
+Manual download folder (`manual_dir`): either `dev/` and/or `test/` (VoxCeleb2's archives unpacked;
+an inner `mp4/` is looked through) giving the train and test splits, or the layout
+`<speaker>/<video>/<clip>.mp4` directly, giving train only. Coefficients (`<clip>.npy` or Deep3DFaceRecon
+`<clip>.mat`) sit beside each clip or under `manual_dir/coefficients/` with the same relative path.
+
+  import tensorflow_datasets as tfds
+  from data_pipeline import voxceleb2_mima  # registers the builder
+  source = voxceleb2_mima.data_source(data_dir, split="train", manual_dir=folder)
+  loader.make_iterator(source, loader.LoaderConfig(...))  # the Grain loader takes it like shards
+
+Clips that cannot be used are skipped with a logged reason (as in `mimajax prepare`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipeline import prepare, records
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Voxceleb2MimaConfig(tfds.core.BuilderConfig):
+  resolution: int = 512
+  frames_per_record: int = 64
+  min_frames: int = 13  # a 12-frame clip and a source frame outside it
+  crop: str = "center"
+  quality: int = 90
+
+  def prepare_options(self) -> prepare.PrepareOptions:
+    return prepare.PrepareOptions(resolution=self.resolution, frames_per_record=self.frames_per_record,
+                                  min_frames=self.min_frames, crop=self.crop, quality=self.quality)  # fmt: skip
+
+
+class Voxceleb2Mima(tfds.core.GeneratorBasedBuilder):
+  """VoxCeleb2 clips with per-frame 3DMM coefficients, in segments of consecutive frames."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Segments of up to frames_per_record frames: JPEG frames, coefficients, speaker."}
+  BUILDER_CONFIGS = [
+    Voxceleb2MimaConfig(name="512", description="512 px frames (MIMAFace's training resolution)"),
+    Voxceleb2MimaConfig(name="256", description="256 px frames", resolution=256),
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Put VoxCeleb2's clips in manual_dir as dev/mp4/<speaker>/<video>/<clip>.mp4 (and test/...), or
+  directly as <speaker>/<video>/<clip>.mp4, with <clip>.npy or Deep3DFaceRecon <clip>.mat coefficients
+  (one row per frame, 257 or 261 columns) beside each clip or under manual_dir/coefficients/.
+  """
+
+  def __init__(self, *, file_format=None, **kwargs):
+    super().__init__(file_format=file_format or "array_record", **kwargs)  # random access for Grain
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    r = self.builder_config.resolution
+    return self.dataset_info_from_configs(
+      features=tfds.features.FeaturesDict(
+        {
+          "video_id": tfds.features.Text(),
+          "speaker": tfds.features.Text(),
+          "identity": tfds.features.Scalar(np.int64, doc="index of speaker in metadata['identities']"),
+          "frame_indices": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+          "coefficients": tfds.features.Tensor(shape=(None, None), dtype=np.float32, encoding="bytes"),
+          # Encoded JPEG bytes, not tfds Image: its NumPy reader would decode all frames of a record
+          # (SkipDecoding has no NumPy path), and the loader decodes only the F + 1 frames it samples.
+          "frames": tfds.features.Sequence(
+            tfds.features.Tensor(shape=(), dtype=np.object_), doc=f"{r}x{r} RGB frames, JPEG bytes"
+          ),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+      homepage="https://www.robots.ox.ac.uk/~vgg/data/voxceleb/vox2.html",
+    )
+
+  def _split_generators(self, dl_manager):
+    root = Path(dl_manager.manual_dir)
+    splits = {name: root / folder for name, folder in (("train", "dev"), ("test", "test")) if (root / folder).is_dir()}
+    splits = {k: (v / "mp4" if (v / "mp4").is_dir() else v) for k, v in splits.items()} or {"train": root}
+    coeff_root = root / "coefficients"
+    entries = {}
+    for name, folder in splits.items():
+      coeffs = coeff_root / folder.relative_to(root) if coeff_root.is_dir() else None
+      entries[name] = prepare.discover_videos(folder, coeffs)
+    identities = sorted({e.speaker for es in entries.values() for e in es})
+    self.info.metadata["identities"] = identities
+    vocab = {s: i for i, s in enumerate(identities)}
+    return {name: self._generate_examples(es, vocab) for name, es in entries.items()}
+
+  def _generate_examples(self, entries, vocab):
+    options = self.builder_config.prepare_options()
+    for entry in entries:
+      try:
+        recs = prepare.process_video(entry, vocab[entry.speaker], options)
+      except prepare.SkipVideo as e:
+        log.warning("skipped %s: %s", entry.video_id, e)
+        continue
+      for rec in recs:
+        yield f"{rec.video_id}:{int(rec.frame_indices[0])}", from_record(rec)
+
+
+def from_record(rec: records.Record) -> dict:
+  return dict(video_id=rec.video_id, speaker=rec.speaker, identity=rec.identity, frame_indices=rec.frame_indices,
+              coefficients=rec.coefficients, frames=list(rec.frames))  # fmt: skip
+
+
+def to_record(example: dict) -> records.Record:
+  """A TFDS example (as tfds.data_source returns it) -> records.Record."""
+  frames = [bytes(f) for f in example["frames"]]
+  size = records.jpeg_size(frames[0]) if frames else None
+  if size is None:
+    raise ValueError(f"{example['video_id']!r}: expected JPEG frames")
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  return records.Record(
+    video_id=text(example["video_id"]),
+    speaker=text(example["speaker"]),
+    identity=int(example["identity"]),
+    frame_indices=np.asarray(example["frame_indices"], np.int32),
+    coefficients=np.asarray(example["coefficients"], np.float32),
+    frames=frames,
+    height=size[0],
+    width=size[1],
+  )
+
+
+def data_source(data_dir: str | os.PathLike, *, split: str = "train", config: str = "512",
+                manual_dir: str | os.PathLike | None = None):  # fmt: skip
+  """tfds.data_source for this builder (preparing it from manual_dir if needed)."""
+  kwargs = {}
+  if manual_dir is not None:
+    kwargs["download_and_prepare_kwargs"] = {
+      "download_config": tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    }
+  return tfds.data_source(
+    f"voxceleb2_mima/{config}",
+    split=split,
+    data_dir=str(data_dir),
+    builder_kwargs={"file_format": "array_record"},
+    **kwargs,
+  )
