@@ -35,22 +35,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mimajax.face3d.coefficients import COEFFICIENT_SLICES, COEFFICIENT_WIDTHS  # noqa: F401  (re-exported)
+from mimajax.face3d.coefficients import split as split_coefficients
 from mimajax.models.attention import ATTENTION_IMPLEMENTATIONS, Attention, dot_product_attention
 from mimajax.models.layers import LayerNorm, linear
 
 Dtype = Any
 
-# Deep3DFaceRecon coefficient layout (257 columns); the release appends gaze at 257:261.
-COEFFICIENT_SLICES = {
-  "identity": (0, 80),
-  "expression": (80, 144),
-  "texture": (144, 224),
-  "angle": (224, 227),
-  "gamma": (227, 254),
-  "translation": (254, 257),
-  "gaze": (257, 261),
-}
-COEFFICIENT_WIDTHS = (257, 261)
 
 # Token order of the release's concatenation (MIMAFacePostfuseModule.forward); "clip" is 257 tokens.
 RELEASE_TOKEN_ORDER = ("arcface", "gaze", "expression", "texture", "gamma", "angle", "translation", "clip")
@@ -94,17 +85,6 @@ class MIAConfig:
   def release_tokens(self) -> int:
     """Tokens the release variant outputs: one per coefficient group and face feature, plus the CLIP tokens."""
     return len(RELEASE_TOKEN_ORDER) - 1 + self.clip_tokens
-
-
-def split_coefficients(coeffs: jax.Array) -> dict[str, jax.Array]:
-  """(..., 257 | 261) 3DMM coefficients -> named groups (..., width); "gaze" only for 261 columns."""
-  width = coeffs.shape[-1]
-  if width not in COEFFICIENT_WIDTHS:
-    raise ValueError(
-      f"3DMM coefficients have {width} columns (shape {tuple(coeffs.shape)}); expected 257 "
-      "(Deep3DFaceRecon: id, exp, tex, angle, gamma, trans) or 261 (the release's, with gaze at 257:261)"
-    )
-  return {name: coeffs[..., a:b] for name, (a, b) in COEFFICIENT_SLICES.items() if b <= width}
 
 
 def _as_groups(motion: jax.Array | Mapping[str, jax.Array]) -> dict[str, jax.Array]:
