@@ -8,7 +8,7 @@ import dataclasses
 
 import ml_collections
 
-from mimajax.models.clip_vision import CLIP_VIT_L14, CLIPVisionConfig
+from mimajax.models.clip_vision import CLIP_TINY, CLIP_VIT_L14
 from mimajax.models.mia import MIAConfig
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.unet_motion import MotionConfig
@@ -87,17 +87,7 @@ def clip_config(size: str) -> ml_collections.ConfigDict:
   """CLIP ViT-L/14 (the paper's appearance encoder) or a tiny ViT with the same structure."""
   if size == "sd15":
     return dataclass_config(CLIP_VIT_L14)
-  return dataclass_config(
-    CLIPVisionConfig(
-      hidden_size=32,
-      intermediate_size=64,
-      projection_dim=16,
-      num_hidden_layers=2,
-      num_attention_heads=4,
-      image_size=32,
-      patch_size=8,
-    )
-  )
+  return dataclass_config(CLIP_TINY)
 
 
 def mia_config(size: str, variant: str = "paper") -> ml_collections.ConfigDict:

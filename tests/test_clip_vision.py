@@ -1,5 +1,6 @@
 """The CLIP vision encoder against transformers' on random weights, its folder format, and preprocessing."""
 
+import dataclasses
 import json
 
 import jax
@@ -17,17 +18,10 @@ from mimajax.convert.clip_format import (
   vision_state,
 )
 from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
-from mimajax.models.clip_vision import CLIPVisionConfig, CLIPVisionEncoder, preprocess
+from mimajax.models.clip_vision import CLIP_TINY, CLIPVisionConfig, CLIPVisionEncoder, preprocess
 
-TINY = dict(
-  hidden_size=32,
-  intermediate_size=37,
-  projection_dim=16,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  image_size=32,
-  patch_size=8,
-)
+# transformers' CLIPVisionConfig kwargs of the tiny tower (activation and eps left at their defaults)
+TINY = {k: v for k, v in dataclasses.asdict(CLIP_TINY).items() if k not in ("hidden_act", "layer_norm_eps")}
 TINY_TEXT = dict(hidden_size=16, intermediate_size=20, num_hidden_layers=1, num_attention_heads=2, vocab_size=49408)
 
 

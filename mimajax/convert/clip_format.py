@@ -22,7 +22,7 @@ from flax import nnx
 from mimajax.convert.diffusers_format import read_config, read_state_dict, write_folder
 from mimajax.convert.errors import CheckpointReadError
 from mimajax.convert.state_dict import KeyMap, merge_params
-from mimajax.models.clip_vision import CLIP_VIT_L14, CLIPVisionConfig, CLIPVisionEncoder
+from mimajax.models.clip_vision import CLIP_TINY, CLIP_VIT_L14, CLIPVisionConfig, CLIPVisionEncoder
 
 VISION_PREFIX = "vision_model."
 PROJECTION_KEY = "visual_projection.weight"
@@ -156,15 +156,7 @@ def save_clip_vision(model: CLIPVisionEncoder, folder: str | os.PathLike, overwr
 
 # ----------------------------------------------------------------------------- parity
 
-TINY_CLIP = CLIPVisionConfig(
-  hidden_size=32,
-  intermediate_size=37,
-  projection_dim=16,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  image_size=32,
-  patch_size=8,
-)
+TINY_CLIP = CLIP_TINY
 PARITY_SIZES = {"tiny": TINY_CLIP, "sd15": CLIP_VIT_L14, "vitl14": CLIP_VIT_L14}
 
 

@@ -107,6 +107,11 @@ CLIP_VIT_L14 = CLIPVisionConfig(
   image_size=224,
   patch_size=14,
 )
+# A CPU-sized ViT with every structural feature of ViT-L/14 (class token, pre/post norms, projection).
+CLIP_TINY = CLIPVisionConfig(
+  hidden_size=32, intermediate_size=37, projection_dim=16, num_hidden_layers=2, num_attention_heads=4,
+  image_size=32, patch_size=8,
+)  # fmt: skip
 
 
 @struct.dataclass

@@ -27,6 +27,13 @@ from mimajax.models.unet_config import CROSS_DOWN, CROSS_UP, UNetConfig
 Dtype = Any
 
 
+def unet_resnet(cfg: UNetConfig, in_channels: int, out_channels: int, *, dtype, rngs, output_scale_factor=1.0):
+  """A ResnetBlock2D with the U-Net's time embedding, norms and activation."""
+  return ResnetBlock2D(in_channels, out_channels, temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups,
+                       eps=cfg.norm_eps, act_fn=cfg.act_fn, time_embedding_norm=cfg.resnet_time_scale_shift,
+                       output_scale_factor=output_scale_factor, dtype=dtype, rngs=rngs)  # fmt: skip
+
+
 class DownBlock(nnx.Module):
   """`layers_per_block` resnets (each followed by a spatial transformer if `cross`), then a downsampler."""
 
@@ -35,17 +42,7 @@ class DownBlock(nnx.Module):
     self.cross = cfg.down_block_types[index] == CROSS_DOWN
     self.resnets = nnx.List(
       [
-        ResnetBlock2D(
-          in_channels if j == 0 else out,
-          out,
-          temb_channels=cfg.time_embed_dim,
-          groups=cfg.norm_num_groups,
-          eps=cfg.norm_eps,
-          act_fn=cfg.act_fn,
-          time_embedding_norm=cfg.resnet_time_scale_shift,
-          dtype=dtype,
-          rngs=rngs,
-        )
+        unet_resnet(cfg, in_channels if j == 0 else out, out, dtype=dtype, rngs=rngs)
         for j in range(cfg.layers_per_block[index])
       ]
     )
@@ -95,17 +92,8 @@ class MidBlock(nnx.Module):
 
   def __init__(self, cfg: UNetConfig, *, implementation, dtype, rngs):
     c = cfg.block_out_channels[-1]
-    kw = dict(
-      temb_channels=cfg.time_embed_dim,
-      groups=cfg.norm_num_groups,
-      eps=cfg.norm_eps,
-      act_fn=cfg.act_fn,
-      time_embedding_norm=cfg.resnet_time_scale_shift,
-      output_scale_factor=cfg.mid_block_scale_factor,
-      dtype=dtype,
-      rngs=rngs,
-    )
-    self.resnets = nnx.List([ResnetBlock2D(c, c, **kw), ResnetBlock2D(c, c, **kw)])
+    kw = dict(dtype=dtype, rngs=rngs, output_scale_factor=cfg.mid_block_scale_factor)
+    self.resnets = nnx.List([unet_resnet(cfg, c, c, **kw), unet_resnet(cfg, c, c, **kw)])
     self.attentions = nnx.List(
       [
         SpatialTransformer(
@@ -139,14 +127,10 @@ class UpBlock(nnx.Module):
     self.cross = cfg.up_block_types[index] == CROSS_UP
     self.resnets = nnx.List(
       [
-        ResnetBlock2D(
+        unet_resnet(
+          cfg,
           (prev_channels if j == 0 else out) + (skip_in if j == num_layers - 1 else out),
           out,
-          temb_channels=cfg.time_embed_dim,
-          groups=cfg.norm_num_groups,
-          eps=cfg.norm_eps,
-          act_fn=cfg.act_fn,
-          time_embedding_norm=cfg.resnet_time_scale_shift,
           dtype=dtype,
           rngs=rngs,
         )
