@@ -37,14 +37,15 @@ def nhwc(x):
   return np.ascontiguousarray(np.moveaxis(np.asarray(x), 1, -1))
 
 
-def _perturb_(module, seed: int, scale: float = 0.02) -> None:
-  """Adds noise to every parameter so that zero- or one-initialised tensors are exercised too."""
+def perturb_(module, seed: int = 0, scale: float = 0.02):
+  """Adds noise to every parameter of a torch module (in place, returned) so zero/one inits are exercised too."""
   import torch
 
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for p in module.parameters():
       p.add_(torch.randn(p.shape, generator=gen) * scale)
+  return module
 
 
 def _config_for(size: str, component: str):
@@ -62,7 +63,7 @@ def _reference(torch_cls, component: str, size: str, pretrained: str | None, see
     ref = torch_cls.from_pretrained(str(folder), torch_dtype=torch.float32)
   else:
     ref = torch_cls(**_config_for(size, component).to_diffusers())
-    _perturb_(ref, seed)
+    perturb_(ref, seed)
     folder = Path(tmp) / component
     ref.save_pretrained(str(folder))  # the real on-disk format (config.json + safetensors)
   return ref.eval(), folder

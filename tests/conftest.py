@@ -4,36 +4,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a hub from the tests
 
-import numpy as np
 import pytest
 
 import mimajax  # noqa: F401  (sets flax's sharding mode before any module is built)
 
-
-def perturb_(module, seed=0, scale=0.02):
-  """Noise on every parameter so zero/one-initialised tensors (norms, biases) are exercised."""
-  import torch
-
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.add_(torch.randn(p.shape, generator=gen) * scale)
-  return module
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert a.shape == b.shape, (a.shape, b.shape)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def nchw(x):
-  return np.moveaxis(np.asarray(x), -1, 1)
-
-
-def nhwc(x):
-  return np.moveaxis(np.asarray(x), 1, -1)
-
+# The tests use the same helpers as `mimajax parity`.
+from mimajax.parity import nchw, nhwc, perturb_, rel_err  # noqa: E402, F401
 
 TINY_UNET = dict(
   block_out_channels=(32, 64),

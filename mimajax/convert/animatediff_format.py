@@ -400,14 +400,14 @@ def motion_parity(
   from diffusers import UNetMotionModel as TorchUNetMotion
 
   from configs import common
-  from mimajax.parity import _perturb_, rel_err
+  from mimajax.parity import perturb_, rel_err
 
   unet_cfg = UNetConfig(**common.model_config(size).unet.to_dict())
   motion = motion or (MotionConfig(use_motion_mid_block=True) if size == "tiny" else MotionConfig())
   config = UNetMotionConfig.from_unet(unet_cfg, motion)
   torch.manual_seed(seed)
   ref = TorchUNetMotion(**config.to_diffusers())
-  _perturb_(ref, seed)  # also makes the zero-initialised parts non-trivial
+  perturb_(ref, seed)  # also makes the zero-initialised parts non-trivial
   ref.eval()
   with tempfile.TemporaryDirectory() as tmp:
     ref.save_pretrained(tmp)

@@ -221,9 +221,8 @@ def clip_parity(
   pixels = pixels.astype(np.float32)
   last, hidden, pooled, embeds = reference(pixels)
   got = ours(jnp.asarray(np.moveaxis(pixels, 1, -1)))
-  rel_err = lambda a, b: float(
-    np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64))
-  )
+  from mimajax.parity import rel_err
+
   tag = f"clip[{size}{', pretrained' if pretrained else ''}]"
   errors = {"last_hidden_state": rel_err(got.last_hidden_state, last)}
   if len(got.hidden_states) != len(hidden):

@@ -633,6 +633,14 @@ def _convert(
   return out
 
 
+def _shapes(entries: Sequence[_Entry], layout: str) -> dict[str, Shape]:
+  if layout == "diffusers":
+    return {e.diffusers_key: e.diffusers_shape for e in entries}
+  if layout == "ldm":
+    return {e.ldm_key: e.ldm_shape for e in entries}
+  raise ValueError(f"layout must be 'diffusers' or 'ldm', got {layout!r}")
+
+
 def unet_key_map(config: Any) -> dict[str, str]:
   """diffusers U-Net key -> LDM key (without the ``model.diffusion_model.`` prefix)."""
   return {e.diffusers_key: e.ldm_key for e in _unet_entries(_unet_config(config))}
@@ -640,12 +648,7 @@ def unet_key_map(config: Any) -> dict[str, str]:
 
 def unet_expected_shapes(config: Any, layout: str = "diffusers") -> dict[str, Shape]:
   """Every U-Net parameter the config implies, with its shape, in ``layout`` ('diffusers' or 'ldm')."""
-  entries = _unet_entries(_unet_config(config))
-  if layout == "diffusers":
-    return {e.diffusers_key: e.diffusers_shape for e in entries}
-  if layout == "ldm":
-    return {e.ldm_key: e.ldm_shape for e in entries}
-  raise ValueError(f"layout must be 'diffusers' or 'ldm', got {layout!r}")
+  return _shapes(_unet_entries(_unet_config(config)), layout)
 
 
 def vae_key_map(config: Any) -> dict[str, str]:
@@ -655,12 +658,7 @@ def vae_key_map(config: Any) -> dict[str, str]:
 
 def vae_expected_shapes(config: Any, layout: str = "diffusers") -> dict[str, Shape]:
   """Every AutoencoderKL parameter the config implies, with its shape, in ``layout``."""
-  entries = _vae_entries(_vae_config(config))
-  if layout == "diffusers":
-    return {e.diffusers_key: e.diffusers_shape for e in entries}
-  if layout == "ldm":
-    return {e.ldm_key: e.ldm_shape for e in entries}
-  raise ValueError(f"layout must be 'diffusers' or 'ldm', got {layout!r}")
+  return _shapes(_vae_entries(_vae_config(config)), layout)
 
 
 def unet_diffusers_to_ldm(state: Mapping[str, np.ndarray], config: Any) -> dict[str, np.ndarray]:

@@ -345,18 +345,13 @@ def _fake_model(xp, x, t):
   return 0.8 * xp.tanh(x) + 0.1 * xp.cos(0.01 * t) * x + 0.05 * xp.sin(0.003 * t)
 
 
-def _rel_l2(a, b) -> float:
-  """||a - b|| / ||b|| in float64."""
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def scheduler_parity(size: str = "tiny", seed: int = 0, num_inference_steps: int = 25) -> float:
   """Max relative L2 error of add_noise/velocity/DDIM/Euler vs diffusers on SD1.5's config."""
   _check_choice("size", size, tuple(_PARITY_SHAPES))
   import torch
   from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+  from mimajax.parity import rel_err
 
   base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
   rng = np.random.default_rng(seed)
@@ -376,11 +371,11 @@ def scheduler_parity(size: str = "tiny", seed: int = 0, num_inference_steps: int
     sched = make_noise_schedule(prediction_type=pred)
     ddpm = DDPMScheduler(**base, prediction_type=pred, clip_sample=False)
     tt = torch.from_numpy(t_train)
-    errors.append(_rel_l2(sched.alphas_cumprod, ddpm.alphas_cumprod.numpy()))
+    errors.append(rel_err(sched.alphas_cumprod, ddpm.alphas_cumprod.numpy()))
     ref = from_torch(ddpm.add_noise(to_torch(x0), to_torch(noise), tt))
-    errors.append(_rel_l2(add_noise(sched, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t_train)), ref))
+    errors.append(rel_err(add_noise(sched, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t_train)), ref))
     ref = from_torch(ddpm.get_velocity(to_torch(x0), to_torch(noise), tt))
-    errors.append(_rel_l2(velocity(sched, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t_train)), ref))
+    errors.append(rel_err(velocity(sched, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t_train)), ref))
 
     # DDIM: SD1.5 pipeline config (leading spacing, steps_offset=1, final alpha = alphas_cumprod[0]).
     ddim = DDIMScheduler(**base, prediction_type=pred, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -389,11 +384,11 @@ def scheduler_parity(size: str = "tiny", seed: int = 0, num_inference_steps: int
     for t in ddim.timesteps:
       x = ddim.step(_fake_model(torch, x, t.float()), t, x).prev_sample
     ts = ddim_timesteps(sched, num_inference_steps)
-    errors.append(_rel_l2(ts, ddim.timesteps.numpy()))
+    errors.append(rel_err(ts, ddim.timesteps.numpy()))
     prev = ddim_prev_timesteps(sched, ts, num_inference_steps)
     fn = lambda x, t: _fake_model(jnp, x, t.astype(jnp.float32))
     ours = jax.jit(ddim_sample, static_argnums=1)(sched, fn, jnp.asarray(noise), ts, prev)
-    errors.append(_rel_l2(ours, from_torch(x)))
+    errors.append(rel_err(ours, from_torch(x)))
 
     # Euler with leading spacing (what from_config(SD1.5 scheduler config) gives) and with trailing.
     for spacing in ("leading", "trailing"):
@@ -403,10 +398,10 @@ def scheduler_parity(size: str = "tiny", seed: int = 0, num_inference_steps: int
       for t in euler.timesteps:
         x = euler.step(_fake_model(torch, euler.scale_model_input(x, t), t), t, x).prev_sample
       sigmas, ts = euler_sigmas_and_timesteps(sched, num_inference_steps, spacing)
-      errors.append(_rel_l2(sigmas, euler.sigmas.numpy()))
-      errors.append(_rel_l2(ts, euler.timesteps.numpy()))
+      errors.append(rel_err(sigmas, euler.sigmas.numpy()))
+      errors.append(rel_err(ts, euler.timesteps.numpy()))
       init = euler_init_noise_sigma(sigmas, spacing)
-      errors.append(_rel_l2(init, float(euler.init_noise_sigma)))
+      errors.append(rel_err(init, float(euler.init_noise_sigma)))
       ours = jax.jit(euler_sample, static_argnums=1)(sched, fn, jnp.asarray(noise), sigmas, ts, init)
-      errors.append(_rel_l2(ours, from_torch(x)))
+      errors.append(rel_err(ours, from_torch(x)))
   return max(errors)
