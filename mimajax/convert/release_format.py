@@ -14,6 +14,7 @@ covered; anything else raises `CheckpointKeyError` listing the keys, before any 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -116,7 +117,7 @@ def load_release(
                                       attention_impl=attention_impl)  # fmt: skip
   mia_state = _torch_file(model_dir / MIA_FILE)
   mia_cfg = mia_config_from_state(mia_state)
-  mia_cfg = MIAConfig(**{**mia_cfg.__dict__, "release_heads": release_heads, "clip_tokens": clip.config.num_positions})
+  mia_cfg = dataclasses.replace(mia_cfg, release_heads=release_heads, clip_tokens=clip.config.num_positions)
   abstract_mia = nnx.eval_shape(lambda: ReleaseMIA(mia_cfg, implementation=attention_impl, dtype=dtype,
                                                    rngs=nnx.Rngs(0)))  # fmt: skip
   mia = merge_params(abstract_mia, mia_key_map(abstract_mia).to_flax(mia_state, f"{model_dir / MIA_FILE}"))
