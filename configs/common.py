@@ -133,12 +133,85 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   )
 
 
-def base_config(size: str, name: str) -> ml_collections.ConfigDict:
+# Trainable parameter sets (regexes over paths like "unet/down_blocks/0/resnets/1/conv1/kernel").
+# Stage 1 (images): the U-Net, the appearance encoder and MIA. Stage 2 (clips): the conditioning
+# input conv (W_cond, in conv_in) and the motion modules; the release also tunes MIA and CLIP's last two layers.
+STAGE1_TRAINABLE = ("^unet/", "^clip/", "^mia/")
+STAGE2_TRAINABLE = ("^unet/conv_in/", "/motion_modules/")
+RELEASE_STAGE2_TRAINABLE = STAGE2_TRAINABLE + ("^mia/", r"^clip/encoder/layers/(22|23)/")
+
+
+def data_config(stage: int) -> ml_collections.ConfigDict:
+  """config.data: the prepared shards and how clips are drawn from them."""
+  return ml_collections.ConfigDict(
+    dict(
+      path="data/demo",  # a `mimajax prepare` output folder (manifest.json + shards)
+      num_frames=1 if stage == 1 else 16,  # F; 1 = image mode (stage 1)
+      stride=1,
+      resolution=512,  # frames are decoded (and rendered) at this size; latents are 1/8
+      batch_size=32,  # global; each host loads batch_size / process_count
+      flip=True,
+      read_threads=4,
+      workers=0,  # Grain worker processes per host
+      coefficient_dim=257,  # 257: drop the release's gaze columns; 261 keeps them (release MIA)
+      face_model="",  # "": <path>/face_model.npz when present, else the synthetic model; or a BFM .mat / .npz
+      render_shading="sh",
+    )
+  )
+
+
+def train_config(stage: int, variant: str = "paper") -> ml_collections.ConfigDict:
+  """config.train: optimisation (AdamW, constant LR 1e-5 by default as in the paper)."""
+  if stage == 1:
+    trainable = STAGE1_TRAINABLE
+  else:
+    trainable = RELEASE_STAGE2_TRAINABLE if variant == "release" else STAGE2_TRAINABLE
+  return ml_collections.ConfigDict(
+    dict(
+      learning_rate=1e-5,
+      warmup_steps=0,
+      weight_decay=1e-2,
+      max_grad_norm=1.0,
+      accumulation_steps=1,
+      ema_decay=0.0,  # 0: no EMA copy
+      trainable=trainable,
+      memory_bank_size=4096,  # identity memory bank slots (paper variant); 0 disables the bank
+      init_from="",  # stage 2: a stage-1 workdir (its latest checkpoint) or checkpoint step folder
+    )
+  )
+
+
+def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") -> ml_collections.ConfigDict:
   """The fields every experiment has, for model size `size`."""
   config = ml_collections.ConfigDict()
   config.name = name
   config.seed = 0
+  config.stage = stage  # 1: images (U-Net, CLIP, MIA); 2: clips (motion modules, W_cond)
+  config.total_steps = 100_000
   config.model = model_config(size)
+  config.model.mia.variant = variant
+  config.model.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch": recompute U-Net layers in backward
+  # MIMAFaceConfig's objective fields (mimajax/models/mimaface.py).
+  config.model.objective = ml_collections.ConfigDict(
+    dict(
+      cfg_dropout=0.1,
+      identity_loss_weight=0.1,  # lambda of L_id; the paper does not give it
+      identity_temperature=1.0,
+      ica_sigma=0.1,
+      ica_max_frames=ml_collections.config_dict.placeholder(int),  # None: F // 4
+      min_snr_gamma=ml_collections.config_dict.placeholder(float),  # None: plain MSE; the release uses 5.0
+    )
+  )
+  config.model.clip_pretrained = ""  # local transformers CLIP vision folder (ViT-L/14)
+  config.model.motion_pretrained = ""  # stage 2: diffusers MotionAdapter folder or AnimateDiff .ckpt/.safetensors
+  config.data = data_config(stage)
+  config.train = train_config(stage, variant)
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  config.log = ml_collections.ConfigDict(dict(every_steps=50, progress_bar=True))
+  config.sample = ml_collections.ConfigDict(
+    dict(every_steps=5000, count=2, num_inference_steps=25, guidance_scale=3.5, scheduler="ddim")
+  )
+  config.distributed = False  # True: jax.distributed.initialize() (multi-host GPU / TPU pods)
   config.noise_schedule = noise_schedule()
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
   config.unet_axis_rules = UNET_AXIS_RULES

@@ -1,5 +1,7 @@
 """The CPU-sized demo experiment: every component of the real model, shrunk to run on 2 cores.
 
+python -m data_pipeline.demo_data --output data/demo
+mimajax train --config configs/tiny.py --workdir runs/tiny [--config.total_steps=6]
 mimajax parity --component unet --size tiny
 """
 
@@ -9,7 +11,14 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
-  config = common.base_config("tiny", name="tiny")
+  """arg: "1" (default, images) or "2" (clips with motion modules), e.g. --config configs/tiny.py:2."""
+  stage = int(arg or 1)
+  config = common.base_config("tiny", name=f"tiny_stage{stage}", stage=stage)
+  config.data.update(resolution=64, batch_size=4, num_frames=1 if stage == 1 else 4, read_threads=2)
+  config.total_steps = 200
+  config.train.update(learning_rate=1e-4, memory_bank_size=64)
+  config.checkpoint.update(every_steps=50, keep=2)
+  config.log.update(every_steps=10)
+  config.sample.update(every_steps=100, count=2, num_inference_steps=10)
   config.bench = ml_collections.ConfigDict(dict(batch=2, resolution=64))
   return config

@@ -1,4 +1,4 @@
-"""The `mimajax` command: parity checks, benchmarks and dataset preparation (train, animate and export come later)."""
+"""The `mimajax` command: dataset preparation, training, parity checks and benchmarks."""
 
 from __future__ import annotations
 
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
   loader_bench_arguments(b)
   b.set_defaults(fn=_bench)
 
+  sub.add_parser(
+    "train",
+    help="train from a config: mimajax train --config configs/tiny.py --workdir DIR [--config.total_steps=6]",
+    add_help=False,
+  )
+
   p = sub.add_parser("prepare", help="videos + 3DMM coefficients -> ArrayRecord shards and manifest.json")
   prepare_arguments(p)
   p.set_defaults(fn=_prepare)
@@ -99,7 +105,20 @@ def _prepare(args) -> int:
   return prepare.run(args)
 
 
+def _train(argv: list[str]) -> int:
+  from mimajax import train
+
+  return train.main(argv)
+
+
+# Subcommands whose flags are absl / ml_collections flags (`--config.x=y` overrides), parsed by their module.
+ABSL_COMMANDS = {"train": _train}
+
+
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in ABSL_COMMANDS:
+    return ABSL_COMMANDS[argv[0]](argv[1:])
   args = build_parser().parse_args(argv)
   return args.fn(args)
 

@@ -60,16 +60,27 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Ru
   return P(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for every variable of an nnx State (unannotated ones replicated)."""
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | Mapping[str, Rules]) -> Any:
+  """NamedShardings for every variable of an nnx State (unannotated ones replicated).
 
-  def one(var):
+  `rules` is one rule list, or a mapping from the state's top-level names (model parts such as "unet",
+  "clip") to each part's rules.
+  """
+  per_part = isinstance(rules, Mapping)
+
+  def one(path, var):
     names = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
     shape = np.shape(var[...]) if hasattr(var, "__getitem__") else np.shape(var)
-    spec = logical_to_spec(names, shape, rules, mesh) if names else P()
+    part_rules = rules
+    if per_part:
+      part = str(getattr(path[0], "key", path[0]))
+      if part not in rules:
+        raise ValueError(f"no logical axis rules for model part {part!r}; rules are given for {sorted(rules)}")
+      part_rules = rules[part]
+    spec = logical_to_spec(names, shape, part_rules, mesh) if names else P()
     return var.replace(NamedSharding(mesh, spec))
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:

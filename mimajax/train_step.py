@@ -108,8 +108,14 @@ def make_train_step(
   *,
   accumulation_steps: int = 1,
   ema_decay: float | None = None,
-) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-  """(state, batch) -> (state, metrics); jit it with `jit_train_step`."""
+  prepare: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]] | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+  """(state, batch[, frozen]) -> (state, metrics); jit it with `jit_train_step`.
+
+  `prepare(frozen, batch)` turns the loader's batch into the model's inside the step (e.g. the frozen
+  VAE encoding frames and the renderer drawing I_R); `frozen` is passed as an argument, not closed
+  over, so large frozen weights are sharded inputs rather than constants baked into the program.
+  """
 
   def grads_of(params, batch, rng, bank):
     def objective(p):
@@ -117,8 +123,10 @@ def make_train_step(
 
     return jax.value_and_grad(objective, has_aux=True)(params)
 
-  def step(state: TrainState, batch: Mapping[str, jax.Array]):
+  def step(state: TrainState, batch: Mapping[str, jax.Array], frozen: Any = None):
     rng = jax.random.fold_in(state.rng, state.step)
+    if prepare is not None:
+      batch = prepare(frozen, batch)
     if accumulation_steps == 1:
       (loss, aux), grads = grads_of(state.params, batch, rng, state.bank)
     else:
@@ -161,11 +169,14 @@ def make_train_step(
   return step
 
 
-def jit_train_step(step_fn, state_shardings, batch_shardings, metrics_sharding):
+def jit_train_step(step_fn, state_shardings, batch_shardings, metrics_sharding, frozen_shardings=None):
   """The step compiled once with explicit shardings, the state donated."""
+  in_shardings = (state_shardings, batch_shardings)
+  if frozen_shardings is not None:
+    in_shardings += (frozen_shardings,)
   return jax.jit(
     step_fn,
-    in_shardings=(state_shardings, batch_shardings),
+    in_shardings=in_shardings,
     out_shardings=(state_shardings, metrics_sharding),
     donate_argnums=(0,),
   )

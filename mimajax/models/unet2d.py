@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mimajax.models import remat
 from mimajax.models.attention import SpatialTransformer
 from mimajax.models.layers import (
   GroupNorm,
@@ -76,10 +77,12 @@ class DownBlock(nnx.Module):
     x = self.resnets[j](x, temb)
     return self.attentions[j](x, context) if self.attentions is not None else x
 
+  remat_policy = "none"  # see mimajax/models/remat.py
+
   def __call__(self, x, temb, context, **layer_kw):
     skips = []
     for j in range(len(self.resnets)):
-      x = self.layer(j, x, temb, context, **layer_kw)
+      x = remat.call(self.remat_policy, remat.bind_layer(type(self).layer, j, **layer_kw), self, x, temb, context)
       skips.append(x)
     if self.downsamplers is not None:
       x = self.downsamplers[0](x)
@@ -165,9 +168,12 @@ class UpBlock(nnx.Module):
     x = self.resnets[j](jnp.concatenate([x, skip], axis=-1), temb)
     return self.attentions[j](x, context) if self.attentions is not None else x
 
+  remat_policy = "none"  # see mimajax/models/remat.py
+
   def __call__(self, x, skips, temb, context, upsample_size=None, **layer_kw):
     for j in range(len(self.resnets)):
-      x = self.layer(j, x, skips.pop(), temb, context, **layer_kw)
+      layer = remat.bind_layer(type(self).layer, j, **layer_kw)
+      x = remat.call(self.remat_policy, layer, self, x, skips.pop(), temb, context)
     if self.upsamplers is not None:
       x = self.upsamplers[0](x, upsample_size)
     return x

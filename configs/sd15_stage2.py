@@ -1,0 +1,34 @@
+"""MIMAFace stage 2 at full size: the stage-1 model plus AnimateDiff v3 motion modules on 16-frame clips with ICA.
+
+Freezes the stage-1 weights and trains W_cond (the conv_in conditioning channels) and the motion modules.
+  --config.train.init_from=runs/stage1                             (a stage-1 workdir or checkpoint step folder)
+  --config.model.motion_pretrained=/models/v3_sd15_mm.ckpt          (AnimateDiff v3 .ckpt or MotionAdapter folder)
+  --config.model.pretrained=/models/stable-diffusion-v1-5           (for the frozen VAE)
+
+  mimajax train --config configs/sd15_stage2.py --workdir runs/stage2 --config.train.init_from=runs/stage1
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """arg: "release" for the release variant (which also tunes MIA and CLIP's last two layers)."""
+  variant = arg or "paper"
+  config = common.base_config("sd15", name=f"sd15_stage2_{variant}", stage=2, variant=variant)
+  if variant == "release":
+    config.model.mia.update(common.mia_config("sd15", "release").to_dict())
+    config.data.coefficient_dim = 261
+  config.model.dtype = "bfloat16"
+  config.model.attention_impl = "cudnn"
+  config.model.remat = "dots_no_batch"
+  config.data.update(resolution=512, num_frames=16, stride=1, batch_size=16, workers=8, read_threads=8)
+  config.total_steps = 30_000
+  config.train.update(learning_rate=1e-5)
+  config.checkpoint.update(every_steps=500, keep=3)
+  config.log.update(every_steps=25)
+  config.sample.update(every_steps=2500, count=2, num_inference_steps=25)
+  # Video activations dominate: shard parameters and optimizer state (FSDP) across each node's GPUs.
+  config.mesh.update(data=-1, fsdp=8, tensor=1)
+  return config

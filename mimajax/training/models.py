@@ -1,0 +1,188 @@
+"""The models a run starts from: fresh, from local pretrained folders (SD, CLIP, AnimateDiff), or a stage-1 run.
+
+Stage 1 starts from SD1.5 (`config.model.pretrained`: a diffusers pipeline folder with unet/ and vae/;
+conv_in widened to 13 inputs with the new channels zero) and CLIP ViT-L/14 (`config.model.clip_pretrained`).
+Stage 2 starts from a stage-1 run (`config.train.init_from`) and AnimateDiff motion modules
+(`config.model.motion_pretrained`). Nothing is downloaded: every path is a local folder or file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mimajax.convert.errors import CheckpointReadError
+from mimajax.face3d.morphable_model import MorphableModel, load_bfm
+from mimajax.face3d.synthetic import synthetic_model
+from mimajax.models import factory, remat
+from mimajax.models.mimaface import MIMAFace
+from mimajax.models.vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, AutoencoderKL]:
+  """The trainable MIMAFace of config.stage and the frozen VAE, with any configured pretrained weights."""
+  m = config.model
+  rngs = nnx.Rngs(config.seed)
+  model = factory.build_mimaface(m, stage=config.stage, rngs=rngs, **m.objective.to_dict())
+  if m.pretrained:
+    vae = _load_sd(model, m)
+  else:
+    vae = factory.build_vae(m, rngs=rngs)
+  if m.clip_pretrained:
+    from mimajax.convert import clip_format
+
+    clip = clip_format.load_clip_vision(m.clip_pretrained, dtype=factory.compute_dtype(m.dtype),
+                                        attention_impl=m.attention_impl)  # fmt: skip
+    _update_checked(model.clip, nnx.state(clip, nnx.Param), f"CLIP {m.clip_pretrained}")
+  if config.stage == 2 and m.motion_pretrained:
+    _load_motion(model, m)
+  remat.set_remat(model.unet, m.remat)
+  return model, vae
+
+
+def _update_checked(target: nnx.Module, state: nnx.State, where: str) -> None:
+  """Copies `state` into `target`, refusing any path or shape the target does not have."""
+  expected = {p: np.shape(v[...]) for p, v in nnx.to_flat_state(nnx.state(target, nnx.Param))}
+  bad = [
+    (p, np.shape(v[...]), expected.get(p)) for p, v in nnx.to_flat_state(state) if expected.get(p) != np.shape(v[...])
+  ]
+  if bad:
+    lines = "\n".join(f"  {'/'.join(map(str, p))}: found {s}, expected {e}" for p, s, e in bad[:20])
+    raise CheckpointReadError(f"{where} does not fit the configured model ({len(bad)} mismatches):\n{lines}")
+  nnx.update(target, state)
+
+
+def _load_sd(model: MIMAFace, m: ml_collections.ConfigDict) -> AutoencoderKL:
+  from mimajax.convert import diffusers_format
+  from mimajax.models import ica
+
+  kw = dict(dtype=factory.compute_dtype(m.dtype), attention_impl=m.attention_impl)
+  root = Path(m.pretrained)
+  unet = diffusers_format.load_unet(root / "unet" if (root / "unet").is_dir() else root, **kw)
+  if unet.config.in_channels != ica.INPUT_CHANNELS:
+    unet = ica.widen_unet_input(unet)
+  _update_checked(model.unet, nnx.state(unet, nnx.Param), f"SD U-Net {root}")
+  vae_dir = root / "vae"
+  if not vae_dir.is_dir():
+    raise CheckpointReadError(f"config.model.pretrained={root} has no vae/ folder (a diffusers SD pipeline folder)")
+  return diffusers_format.load_vae(vae_dir, **kw)
+
+
+def _load_motion(model: MIMAFace, m: ml_collections.ConfigDict) -> None:
+  from mimajax.convert import animatediff_format
+  from mimajax.models.unet_motion import MOTION_PARAMS
+
+  path = Path(m.motion_pretrained)
+  spatial = model.unet.spatial_unet(attention_impl=m.attention_impl)
+  if path.is_dir():
+    loaded = animatediff_format.load_motion_adapter(spatial, path)
+  else:
+    loaded = animatediff_format.load_animatediff_checkpoint(spatial, path)
+  _update_checked(model.unet, nnx.state(loaded, MOTION_PARAMS), f"motion modules {path}")
+
+
+def init_params_from(source: str | os.PathLike, params: nnx.State, config: ml_collections.ConfigDict) -> nnx.State:
+  """`params` with every parameter a stage-1 run (workdir or step folder) also has replaced by its value.
+
+  Stage 2's U-Net has the stage-1 U-Net's parameters at the same paths plus motion modules, so
+  the spatial U-Net, CLIP and MIA come from stage 1 and the motion modules stay as initialised.
+  """
+  import orbax.checkpoint as ocp
+
+  from mimajax import checkpointing
+
+  source = Path(source)
+  step_dir = source
+  if (source / checkpointing.CHECKPOINT_DIR).is_dir():
+    steps = sorted(int(p.name) for p in (source / checkpointing.CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+    if not steps:
+      raise CheckpointReadError(f"config.train.init_from={source} has no checkpoint")
+    step_dir = source / checkpointing.CHECKPOINT_DIR / str(steps[-1])
+  state_dir = step_dir / "state"
+  if not state_dir.is_dir():
+    raise CheckpointReadError(f"config.train.init_from={source}: no Orbax state at {state_dir}")
+  restored = ocp.StandardCheckpointer().restore(state_dir.absolute())
+  old = restored["params"]
+  flat_old = {}
+
+  def collect(prefix, node):
+    if isinstance(node, dict):
+      if set(node) == {"value"} and not isinstance(node["value"], dict):
+        flat_old[prefix] = node["value"]
+        return
+      for k, v in node.items():
+        collect(prefix + (str(k),), v)
+    else:
+      flat_old[prefix] = node
+
+  collect((), old)
+  leaves, taken = [], 0
+  for path, var in nnx.to_flat_state(params):
+    key = tuple(str(p) for p in path)
+    value = var[...]
+    if key in flat_old:
+      if np.shape(flat_old[key]) != np.shape(value):
+        raise CheckpointReadError(
+          f"{'/'.join(key)} has shape {np.shape(flat_old[key])} in {step_dir}, expected {np.shape(value)}"
+        )
+      value = jax.device_put(np.asarray(flat_old[key]), value.sharding)
+      taken += 1
+    leaves.append((path, var.replace(value)))
+  if taken == 0:
+    raise CheckpointReadError(f"{step_dir} shares no parameter with this model; is it a MIMAFace run?")
+  log.info("initialised %d of %d parameters from %s", taken, len(leaves), step_dir)
+  return nnx.from_flat_state(leaves)
+
+
+def face_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> MorphableModel:
+  """The morphable model renders are drawn with: config.data.face_model, the dataset's face_model.npz, or synthetic.
+
+  The chosen one is copied into the workdir so inference renders driving coefficients the same way.
+  """
+  from mimajax import checkpointing
+
+  path = config.data.face_model or str(Path(config.data.path) / checkpointing.FACE_MODEL_FILE)
+  in_workdir = Path(workdir) / checkpointing.FACE_MODEL_FILE
+  if in_workdir.exists():
+    return load_face_model(in_workdir)
+  if path.endswith(".mat"):
+    model = load_bfm(path)
+  elif Path(path).exists():
+    model = load_face_model(path)
+  elif config.data.face_model:
+    raise ValueError(f"config.data.face_model={config.data.face_model} does not exist")
+  else:
+    log.warning("no face_model.npz in %s: rendering with the synthetic morphable model", config.data.path)
+    model = synthetic_model()
+  if jax.process_index() == 0:
+    save_face_model(model, in_workdir)
+  return model
+
+
+def save_face_model(model: MorphableModel, path: str | os.PathLike) -> None:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  arrays = {k: np.asarray(v) for k, v in vars(model).items() if v is not None}
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_face_model(path: str | os.PathLike) -> MorphableModel:
+  try:
+    with np.load(path) as data:
+      arrays = {k: data[k] for k in data.files}
+  except (OSError, ValueError) as e:
+    raise CheckpointReadError(f"{path} is not a readable face model (.npz): {e}") from e
+  try:
+    return MorphableModel(**arrays).validate()
+  except TypeError as e:
+    raise CheckpointReadError(f"{path} does not hold MorphableModel arrays: {e}") from e
