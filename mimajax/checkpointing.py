@@ -187,3 +187,140 @@ def _tuples(x):
   if isinstance(x, list):
     return tuple(_tuples(v) for v in x)
   return x
+
+
+# ----------------------------------------------------------------------------- inference
+
+VAE_DIR = "vae"
+
+
+def step_folder(path: str | os.PathLike) -> Path:
+  """A workdir (its newest checkpoint) or a checkpoint step folder -> the step folder."""
+  path = Path(path)
+  if (path / CHECKPOINT_DIR).is_dir():
+    steps = sorted(int(p.name) for p in (path / CHECKPOINT_DIR).iterdir() if p.name.isdigit())
+    if not steps:
+      raise CheckpointReadError(f"{path} has no checkpoint under {CHECKPOINT_DIR}/ (did the run save one?)")
+    return path / CHECKPOINT_DIR / str(steps[-1])
+  if (path / "state").is_dir():
+    return path
+  raise CheckpointReadError(
+    f"{path} is not a mimajax checkpoint: expected a training workdir (with {CHECKPOINT_DIR}/), a step folder "
+    f"(with state/), or an official release folder (with mim.pth and 3dunet.pth)"
+  )
+
+
+def checkpoint_params(path: str | os.PathLike, *, ema: bool = False) -> dict[tuple[str, ...], np.ndarray]:
+  """Every parameter of a checkpoint (workdir or step folder), keyed by path; the EMA copy when asked and kept."""
+  state_dir = (step_folder(path) / "state").absolute()
+  try:
+    restored = ocp.StandardCheckpointer().restore(state_dir)
+  except Exception as e:  # noqa: BLE001 - Orbax raises many types for truncated / foreign folders
+    raise CheckpointReadError(f"cannot read the checkpoint {state_dir}: {type(e).__name__}: {e}") from e
+  tree = restored.get("ema_params") if ema and restored.get("ema_params") else restored.get("params")
+  if not isinstance(tree, dict):
+    raise CheckpointReadError(f"{state_dir} holds no parameters (not a mimajax TrainState)")
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+
+  def collect(prefix, node):
+    if isinstance(node, dict) and not (set(node) == {"value"} and not isinstance(node["value"], dict)):
+      for k, v in node.items():
+        collect(prefix + (str(k),), v)
+    else:
+      flat[prefix] = np.asarray(node["value"] if isinstance(node, dict) else node)
+
+  collect((), tree)
+  return flat
+
+
+@dataclasses.dataclass
+class Inference:
+  """A trained model ready to animate: MIMAFace, the VAE, the renderer's face model, the noise schedule."""
+
+  model: Any  # MIMAFace
+  vae: Any  # AutoencoderKL
+  face_model: Any  # MorphableModel
+  schedule: Any  # NoiseSchedule
+  config: Any  # the training config (ml_collections), or None for release folders
+  resolution: int  # frame pixels
+  num_frames: int  # clip length F
+  ica_frames: int  # k: frames of the previous clip each clip conditions on
+
+
+def load_inference(path: str | os.PathLike, *, use_ema: bool = True, vae_dir: str | os.PathLike | None = None,
+                   face_model_path: str | os.PathLike | None = None) -> Inference:  # fmt: skip
+  """A training workdir / step folder (Orbax) or an official release folder -> Inference.
+
+  Release folders hold no VAE: pass `vae_dir` (a diffusers VAE or SD pipeline folder).
+  """
+  from flax import nnx
+
+  from mimajax.diffusion import schedulers
+  from mimajax.face3d.landmark_model import load_face_model
+  from mimajax.face3d.synthetic import synthetic_model
+  from mimajax.models import factory
+  from mimajax.training.models import merge_flat_params
+
+  path = Path(path)
+  if not path.exists():
+    raise CheckpointReadError(f"checkpoint {path} does not exist")
+  if (path / "mim.pth").exists() or (path / "3dunet.pth").exists():
+    return _load_release_inference(path, vae_dir, face_model_path)
+  step_dir = step_folder(path)
+  workdir = step_dir.parent.parent
+  config = read_config(workdir)
+  abstract = lambda build: nnx.eval_shape(build)  # noqa: E731 - shapes only; the values come from files
+  model = abstract(lambda: factory.build_mimaface(config.model, stage=config.stage, rngs=nnx.Rngs(0),
+                                                  **config.model.objective.to_dict()))  # fmt: skip
+  merge_flat_params(model, checkpoint_params(step_dir, ema=use_ema), f"{step_dir}")
+  vae = _load_vae(vae_dir or (workdir / VAE_DIR if (workdir / VAE_DIR).is_dir() else None), config)
+  fm_path = Path(face_model_path) if face_model_path else workdir / FACE_MODEL_FILE
+  face_model = load_face_model(fm_path) if fm_path.exists() else synthetic_model()
+  frames = int(config.data.num_frames)
+  return Inference(
+    model=model,
+    vae=vae,
+    face_model=face_model,
+    schedule=schedulers.make_noise_schedule(**config.noise_schedule.to_dict()),
+    config=config,
+    resolution=int(config.data.resolution),
+    num_frames=frames,
+    ica_frames=max(1, frames // 4) if frames > 1 else 0,
+  )
+
+
+def _load_vae(vae_dir, config):
+  from mimajax.convert import diffusers_format
+
+  if vae_dir is None and config is not None and config.model.pretrained:
+    vae_dir = Path(config.model.pretrained) / VAE_DIR
+  if vae_dir is None:
+    raise CheckpointReadError("no VAE: the workdir has no vae/ folder and the config names no pretrained SD folder")
+  vae_dir = Path(vae_dir)
+  if (vae_dir / VAE_DIR).is_dir():
+    vae_dir = vae_dir / VAE_DIR
+  return diffusers_format.load_vae(vae_dir)
+
+
+def _load_release_inference(path: Path, vae_dir, face_model_path) -> Inference:
+  from mimajax.convert import release_format
+  from mimajax.diffusion import schedulers
+  from mimajax.face3d.landmark_model import load_face_model
+
+  if vae_dir is None:
+    raise CheckpointReadError(f"{path} is a release folder: pass the SD VAE folder (--vae) to decode with")
+  if face_model_path is None:
+    raise CheckpointReadError(
+      f"{path} is a release folder: pass the morphable model its coefficients use (BFM_model_front.mat)"
+    )
+  model = release_format.load_release(path)
+  return Inference(
+    model=model,
+    vae=_load_vae(vae_dir, None),
+    face_model=load_face_model(face_model_path),
+    schedule=schedulers.make_noise_schedule(),
+    config=None,
+    resolution=512,
+    num_frames=16,
+    ica_frames=4,
+  )

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from data_pipeline.bench import add_arguments as loader_bench_arguments
+from data_pipeline.motion_extraction import add_arguments as extract_motion_arguments
 from data_pipeline.prepare import add_arguments as prepare_arguments
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
 
@@ -96,7 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("prepare", help="videos + 3DMM coefficients -> ArrayRecord shards and manifest.json")
   prepare_arguments(p)
   p.set_defaults(fn=_prepare)
+
+  e = sub.add_parser(
+    "extract-motion", help="MediaPipe FaceMesh landmarks -> 261-column motion coefficients + face_model.npz"
+  )
+  extract_motion_arguments(e)
+  e.set_defaults(fn=_extract_motion)
   return parser
+
+
+def _extract_motion(args) -> int:
+  from data_pipeline import motion_extraction
+
+  return motion_extraction.run(args)
 
 
 def _prepare(args) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tupl
     )
   face_model = model_init.face_model(config, workdir)
   model, vae = model_init.build_models(config)
+  model_init.keep_vae(vae, config, workdir)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   labels = train_step.trainable_labels(params, list(config.train.trainable))
   t = config.train
@@ -253,14 +255,18 @@ def main(argv: list[str]) -> int:
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=fv,
-                                  lock_config=True)  # fmt: skip
-  flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples; rerun to resume", flag_values=fv)
+  argv = ["mimajax train", *argv]
+  saved_argv, sys.argv = sys.argv, argv  # config_flags finds `--config.x=y` overrides in sys.argv
   try:
-    fv(["mimajax train", *argv])
-  except flags.Error as e:
+    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=fv,
+                                    lock_config=True)  # fmt: skip
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples; rerun to resume", flag_values=fv)
+    fv(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError) as e:
     print(f"mimajax train: {e}", flush=True)
     return 2
+  finally:
+    sys.argv = saved_argv
   if fv.config is None or not fv.workdir:
     print("mimajax train: --config and --workdir are required", flush=True)
     return 2

@@ -159,13 +159,15 @@ def test_flip_mirrors_the_whole_clip_and_the_pose(dataset):
       np.testing.assert_array_equal(f["motion"][b], expected)
 
 
-def test_mirror_coefficients_negates_yaw_roll_x_translation_and_x_odd_lighting():
+def test_mirror_coefficients_negates_yaw_roll_x_translation_x_odd_lighting_and_odd_gaze():
   c = np.arange(1, 262, dtype=np.float32)[None]
   m = loader.mirror_coefficients(c)
   changed = np.nonzero(m[0] != c[0])[0]
   assert changed.tolist() == [225, 226, 227 + 3, 227 + 4, 227 + 7, 236 + 3, 236 + 4, 236 + 7, 245 + 3, 245 + 4,
-                              245 + 7, 254]  # fmt: skip
+                              245 + 7, 254, 257, 260]  # fmt: skip
+  np.testing.assert_array_equal(m[0, changed], -c[0, changed])
   np.testing.assert_array_equal(loader.mirror_coefficients(m), c)
+  np.testing.assert_array_equal(loader.mirror_coefficients(c[:, :257]), m[:, :257])  # rows without gaze
 
 
 def test_resolution_coefficient_dim_and_float_frames(dataset):
@@ -202,14 +204,17 @@ def test_bench_loader_prints_clips_per_s_last(capsys):
   assert any("clips/s per GPU" in line and "assumed" in line for line in out)
 
 
-def test_demo_dataset_is_real_faces_with_placeholder_coefficients(tmp_path):
+def test_demo_dataset_is_real_faces_with_extracted_coefficients(tmp_path):
   pytest.importorskip("skimage")
   pytest.importorskip("matplotlib")
   from data_pipeline import demo_data
 
   manifest = demo_data.build(tmp_path, resolution=64)
-  assert manifest["coefficients_source"] == "placeholder"
+  extracted = demo_data.extractor_available()  # without mediapipe's models: placeholders (and a warning)
+  assert manifest["coefficients_source"] == ("mediapipe" if extracted else "placeholder")
+  assert (tmp_path / "face_model.npz").exists() == extracted
   assert {"carphone", "astronaut", "grace_hopper"} <= set(manifest["identities"])
   assert manifest["counts"]["videos"] == manifest["counts"]["videos_found"] == 3 + demo_data.NUM_LFW_FACES
   (b,) = batches(tmp_path, loader.LoaderConfig(num_frames=12, batch_size=2), 1)
   assert b["frames"].shape == (2, 12, 64, 64, 3) and b["frames"].std() > 10  # real image content
+  assert b["motion"].shape == (2, 12, 261 if extracted else 257)

@@ -2,6 +2,14 @@
 
 from mimajax.face3d import coefficients
 from mimajax.face3d.camera import Camera
+from mimajax.face3d.landmark_model import (
+  LANDMARK_KEYPOINTS,
+  NUM_LANDMARKS,
+  canonical_face_mesh,
+  landmark_face_model,
+  load_face_model,
+  save_face_model,
+)
 from mimajax.face3d.lighting import lambert_color, sh_color, sh_irradiance
 from mimajax.face3d.morphable_model import (
   MorphableModel,
@@ -18,6 +26,12 @@ from mimajax.face3d.render import face_geometry, project_keypoints, render_coeff
 from mimajax.face3d.synthetic import synthetic_model
 
 __all__ = [
+  "LANDMARK_KEYPOINTS",
+  "NUM_LANDMARKS",
+  "canonical_face_mesh",
+  "landmark_face_model",
+  "load_face_model",
+  "save_face_model",
   "Camera",
   "Fragments",
   "MorphableModel",

@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from mimajax.convert.errors import CheckpointReadError
-from mimajax.face3d.morphable_model import MorphableModel, load_bfm
+from mimajax.face3d.landmark_model import load_face_model, save_face_model
+from mimajax.face3d.morphable_model import MorphableModel
 from mimajax.face3d.synthetic import synthetic_model
 from mimajax.models import factory, remat
 from mimajax.models.mimaface import MIMAFace
@@ -46,6 +47,17 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, Autoencod
     _load_motion(model, m)
   remat.set_remat(model.unet, m.remat)
   return model, vae
+
+
+def keep_vae(vae: AutoencoderKL, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """A VAE not read from a pretrained folder (random, e.g. tiny) is saved as workdir/vae/ for inference."""
+  from mimajax import checkpointing
+  from mimajax.convert import diffusers_format
+
+  folder = Path(workdir) / checkpointing.VAE_DIR
+  if config.model.pretrained or folder.exists() or jax.process_index() != 0:
+    return
+  diffusers_format.save_vae(vae, folder)
 
 
 def _update_checked(target: nnx.Module, state: nnx.State, where: str) -> None:
@@ -95,51 +107,41 @@ def init_params_from(source: str | os.PathLike, params: nnx.State, config: ml_co
   Stage 2's U-Net has the stage-1 U-Net's parameters at the same paths plus motion modules, so
   the spatial U-Net, CLIP and MIA come from stage 1 and the motion modules stay as initialised.
   """
-  import orbax.checkpoint as ocp
-
   from mimajax import checkpointing
 
-  source = Path(source)
-  step_dir = source
-  if (source / checkpointing.CHECKPOINT_DIR).is_dir():
-    steps = sorted(int(p.name) for p in (source / checkpointing.CHECKPOINT_DIR).iterdir() if p.name.isdigit())
-    if not steps:
-      raise CheckpointReadError(f"config.train.init_from={source} has no checkpoint")
-    step_dir = source / checkpointing.CHECKPOINT_DIR / str(steps[-1])
-  state_dir = step_dir / "state"
-  if not state_dir.is_dir():
-    raise CheckpointReadError(f"config.train.init_from={source}: no Orbax state at {state_dir}")
-  restored = ocp.StandardCheckpointer().restore(state_dir.absolute())
-  old = restored["params"]
-  flat_old = {}
-
-  def collect(prefix, node):
-    if isinstance(node, dict):
-      if set(node) == {"value"} and not isinstance(node["value"], dict):
-        flat_old[prefix] = node["value"]
-        return
-      for k, v in node.items():
-        collect(prefix + (str(k),), v)
-    else:
-      flat_old[prefix] = node
-
-  collect((), old)
+  flat_old = checkpointing.checkpoint_params(source)
   leaves, taken = [], 0
   for path, var in nnx.to_flat_state(params):
     key = tuple(str(p) for p in path)
     value = var[...]
     if key in flat_old:
       if np.shape(flat_old[key]) != np.shape(value):
-        raise CheckpointReadError(
-          f"{'/'.join(key)} has shape {np.shape(flat_old[key])} in {step_dir}, expected {np.shape(value)}"
-        )
-      value = jax.device_put(np.asarray(flat_old[key]), value.sharding)
+        raise CheckpointReadError(f"{'/'.join(key)} has shape {np.shape(flat_old[key])} in {source}, "
+                                  f"expected {np.shape(value)}")  # fmt: skip
+      value = jax.device_put(flat_old[key], value.sharding)
       taken += 1
     leaves.append((path, var.replace(value)))
   if taken == 0:
-    raise CheckpointReadError(f"{step_dir} shares no parameter with this model; is it a MIMAFace run?")
-  log.info("initialised %d of %d parameters from %s", taken, len(leaves), step_dir)
+    raise CheckpointReadError(f"{source} shares no parameter with this model; is it a MIMAFace run?")
+  log.info("initialised %d of %d parameters from %s", taken, len(leaves), source)
   return nnx.from_flat_state(leaves)
+
+
+def merge_flat_params(model: nnx.Module, flat: dict[tuple[str, ...], np.ndarray], where: str) -> None:
+  """Sets every parameter of `model` from `flat` (path -> array); any missing, extra or mis-shaped key is an error."""
+  expected = {tuple(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
+  unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
+  shapes = [f"{'/'.join(k)}: found {np.shape(flat[k])}, expected {tuple(v.shape)}"
+            for k, v in expected.items() if k in flat and np.shape(flat[k]) != tuple(v.shape)]  # fmt: skip
+  if missing or unexpected or shapes:
+    raise CheckpointReadError(
+      f"{where} does not fit the model of its config: {len(missing)} missing {missing[:5]}, "
+      f"{len(unexpected)} unexpected {unexpected[:5]}, {len(shapes)} mis-shaped {shapes[:5]}"
+    )
+  leaves = [(path, var.replace(jax.numpy.asarray(flat[tuple(str(p) for p in path)])))
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]  # fmt: skip
+  nnx.update(model, nnx.from_flat_state(leaves))
 
 
 def face_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> MorphableModel:
@@ -153,9 +155,7 @@ def face_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   in_workdir = Path(workdir) / checkpointing.FACE_MODEL_FILE
   if in_workdir.exists():
     return load_face_model(in_workdir)
-  if path.endswith(".mat"):
-    model = load_bfm(path)
-  elif Path(path).exists():
+  if Path(path).exists():
     model = load_face_model(path)
   elif config.data.face_model:
     raise ValueError(f"config.data.face_model={config.data.face_model} does not exist")
@@ -165,24 +165,3 @@ def face_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   if jax.process_index() == 0:
     save_face_model(model, in_workdir)
   return model
-
-
-def save_face_model(model: MorphableModel, path: str | os.PathLike) -> None:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  arrays = {k: np.asarray(v) for k, v in vars(model).items() if v is not None}
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def load_face_model(path: str | os.PathLike) -> MorphableModel:
-  try:
-    with np.load(path) as data:
-      arrays = {k: data[k] for k in data.files}
-  except (OSError, ValueError) as e:
-    raise CheckpointReadError(f"{path} is not a readable face model (.npz): {e}") from e
-  try:
-    return MorphableModel(**arrays).validate()
-  except TypeError as e:
-    raise CheckpointReadError(f"{path} does not hold MorphableModel arrays: {e}") from e

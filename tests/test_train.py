@@ -1,0 +1,153 @@
+"""`mimajax train` end to end on the tiny config: exact resume, SIGKILL/SIGTERM mid-run, NaN stop, bad configs.
+
+Every run trains the tiny MIMAFace on the demo dataset (real faces, prepared by `prepare`) at 32 px
+with the "xla" attention (the smallest program to compile); the runs share a persistent compilation
+cache, so only the first compiles.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mimajax import train
+
+FAST = [
+  "--config.data.resolution=32",
+  "--config.model.attention_impl=xla",
+  "--config.sample.every_steps=0",
+  "--config.log.progress_bar=False",
+  "--config.checkpoint.every_steps=1",
+  "--config.checkpoint.keep=10",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+  from data_pipeline import demo_data
+
+  out = tmp_path_factory.mktemp("demo")
+  demo_data.build(out, resolution=32)
+  return out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  path = tmp_path_factory.mktemp("jax_cache")
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
+
+
+def _args(data, workdir, steps, *extra):
+  return ["--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.total_steps={steps}",
+          f"--config.data.path={data}", *FAST, *extra]  # fmt: skip
+
+
+def _state(workdir, step):
+  return ocp.StandardCheckpointer().restore(Path(workdir, "checkpoints", str(step), "state").absolute())
+
+
+def _assert_same(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) > 100
+  diff = [i for i, (x, y) in enumerate(zip(la, lb)) if not np.array_equal(np.asarray(x), np.asarray(y))]
+  assert not diff, f"{len(diff)} of {len(la)} arrays differ"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_data, cache_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run_a")
+  assert train.main(_args(demo_data, workdir, 6)) == 0
+  return workdir
+
+
+def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(demo_data, uninterrupted, tmp_path):
+  assert train.main(_args(demo_data, tmp_path, 3)) == 0
+  assert train.main(_args(demo_data, tmp_path, 6)) == 0
+  _assert_same(_state(uninterrupted, 6), _state(tmp_path, 6))
+  # The loop wrote its config, the face model it rendered with, and TensorBoard metrics.
+  assert (tmp_path / "config.json").exists() and (tmp_path / "face_model.npz").exists()
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def _spawn(data, workdir, steps, cache):
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1", PYTHONUNBUFFERED="1")  # fmt: skip
+  cmd = [sys.executable, "-m", "mimajax.cli", "train", *_args(data, workdir, steps)]
+  return subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=600):
+  deadline = time.time() + timeout
+  target = Path(workdir, "checkpoints", str(step))
+  while time.time() < deadline:
+    if target.is_dir() and proc.poll() is None:
+      return
+    if proc.poll() is not None:
+      pytest.fail(f"training exited ({proc.returncode}) before checkpoint {step}:\n{proc.stdout.read()[-3000:]}")
+    time.sleep(0.2)
+  proc.kill()
+  pytest.fail(f"no checkpoint {step} after {timeout} s")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_killed_run_resumes_to_the_same_parameters(demo_data, uninterrupted, cache_dir, tmp_path, sig):
+  proc = _spawn(demo_data, tmp_path, 6, cache_dir)
+  _wait_for_checkpoint(proc, tmp_path, 2)
+  proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=300)
+  if sig == signal.SIGTERM:  # preemption: save where it got to, exit cleanly
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted" in out
+  else:
+    assert proc.returncode == -signal.SIGKILL
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] < 6, steps
+  assert train.main(_args(demo_data, tmp_path, 6)) == 0
+  _assert_same(_state(uninterrupted, 6), _state(tmp_path, 6))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(demo_data, cache_dir, tmp_path,
+                                                                                   capsys):  # fmt: skip
+  # A learning rate of 1e30 makes the first update finite but enormous; the next loss overflows.
+  code = train.main(
+    _args(demo_data, tmp_path, 6, "--config.train.learning_rate=1e30", "--config.train.max_grad_norm=0")
+  )
+  out = capsys.readouterr().out
+  assert code == 1
+  assert "FloatingPointError: non-finite values at step" in out
+  bad_step = int(out.split("non-finite values at step")[1].split()[0])
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == bad_step - 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_state(tmp_path, steps[-1])["params"]))
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.stage=3", "config.stage must be 1"),
+    ("--config.data.num_frames=4", "stage 1 trains on images"),
+    ("--config.data.resolution=60", "multiple of 8"),
+    ("--config.mesh.fsdp=2", "devices"),
+  ],
+)
+def test_bad_config_is_refused_with_the_field_named(demo_data, tmp_path, capsys, override, message):
+  assert train.main(_args(demo_data, tmp_path, 2, override)) == 1
+  assert message in capsys.readouterr().out
+
+
+def test_missing_flags_and_unknown_overrides_exit_2(tmp_path, capsys):
+  assert train.main(["--config", "configs/tiny.py"]) == 2
+  assert train.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path), "--config.no_such_field=1"]) == 2
+  assert "no_such_field" in capsys.readouterr().out
