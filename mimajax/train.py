@@ -176,14 +176,33 @@ def init_sharded_state(model: MIMAFace, tx, rng, mesh, config, bank=None) -> tra
   params = jax.device_put(params, param_sh)
   rep = sharding.replicated(mesh)
   ema = config.train.ema_decay
+  opt_sh = like_params(jax.eval_shape(tx.init, params), params, rep)
   return train_step.TrainState(
     step=jax.device_put(jnp.zeros((), jnp.int32), rep),
     params=params,
-    opt_state=jax.jit(tx.init)(params),
+    opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
     rng=jax.device_put(rng, rep),
     bank=jax.device_put(bank, rep) if bank is not None else None,
     ema_params=jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params) if ema else None,
   )
+
+
+def like_params(tree, params, default):
+  """Shardings for a tree holding copies of the parameters (optimizer moments): each leaf whose key path ends
+  with a parameter's path (and has its shape) gets that parameter's sharding; the rest (counts) `default`."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  index = {tuple(str(k) for k in path): (np.shape(x), x.sharding) for path, x in flat}
+  lengths = sorted({len(k) for k in index}, reverse=True)
+
+  def one(path, leaf):
+    keys = tuple(str(k) for k in path)
+    for n in lengths:
+      hit = index.get(keys[-n:])
+      if hit is not None and hit[0] == np.shape(leaf):
+        return hit[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def shardings_of(tree):

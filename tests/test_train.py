@@ -19,6 +19,9 @@ import pytest
 
 from mimajax import train
 
+# One worker runs this whole file, so the demo data and the uninterrupted run are built once.
+pytestmark = pytest.mark.xdist_group("train")
+
 FAST = [
   "--config.data.resolution=32",
   "--config.model.attention_impl=xla",

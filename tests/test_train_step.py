@@ -126,6 +126,7 @@ def test_sharded_step_matches_single_device_on_8_simulated_devices():
   assert result["param_rel_err"] < 1e-5, result["param_rel_err"]
   assert result["max_tensor_rel_err"] < 1e-4, result["max_tensor_rel_err"]
   assert result["bank_rel_err"] < 1e-5
+  assert result["moments_like_params"], "Adam moments are not laid out like their parameters"
   assert abs(result["loss_sharded"] - result["loss_single"]) <= 1e-5 * abs(result["loss_single"])
   specs = result["specs"]
   # the rules: embed -> fsdp, heads -> tensor, conv_out -> fsdp, norm replicated

@@ -139,7 +139,7 @@ def write_samples(workdir: str | os.PathLike, step: int, run, state, host_batch:
   size = config.data.resolution
   columns = [
     conditioning.clip_source(jax.numpy.asarray(local["source_frame"]), size),
-    conditioning.decode_frames(vae, first(batch["render_latents"])),
+    conditioning.render_images(face_model, first(batch["motion"]), size, config.data.render_shading),
     conditioning.decode_frames(vae, first(latents)),
     conditioning.to_unit(jax.numpy.asarray(first(local["frames"]))),
   ]
