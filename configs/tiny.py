@@ -14,11 +14,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: "1" (default, images) or "2" (clips with motion modules), e.g. --config configs/tiny.py:2."""
   stage = int(arg or 1)
   config = common.base_config("tiny", name=f"tiny_stage{stage}", stage=stage)
+  # A 3-level VAE (4x downsampling, SD's is 8x): 64 px frames -> 16x16 latents, the tiny U-Net's sample size.
+  config.model.vae.block_out_channels = (32, 64, 64)
   config.data.update(resolution=64, batch_size=4, num_frames=1 if stage == 1 else 4, read_threads=2)
-  config.total_steps = 200
+  config.total_steps = 400
   config.train.update(learning_rate=1e-4, memory_bank_size=64)
-  config.checkpoint.update(every_steps=50, keep=2)
+  config.checkpoint.update(every_steps=100, keep=2)
   config.log.update(every_steps=10)
-  config.sample.update(every_steps=100, count=2, num_inference_steps=10)
+  config.sample.update(every_steps=200, count=4, num_inference_steps=10)
   config.bench = ml_collections.ConfigDict(dict(batch=2, resolution=64))
   return config
