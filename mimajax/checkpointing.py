@@ -322,5 +322,5 @@ def _load_release_inference(path: Path, vae_dir, face_model_path) -> Inference:
     config=None,
     resolution=512,
     num_frames=16,
-    ica_frames=4,
+    ica_frames=3,  # the release's infer_video.py: prev_frame_num=3
   )

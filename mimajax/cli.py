@@ -1,4 +1,4 @@
-"""The `mimajax` command: dataset preparation, training, parity checks and benchmarks."""
+"""The `mimajax` command: dataset preparation, training, animation, export, parity checks and benchmarks."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from data_pipeline.bench import add_arguments as loader_bench_arguments
 from data_pipeline.motion_extraction import add_arguments as extract_motion_arguments
 from data_pipeline.prepare import add_arguments as prepare_arguments
+from mimajax.animate import add_arguments as animate_arguments
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
 
 
@@ -98,12 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
   prepare_arguments(p)
   p.set_defaults(fn=_prepare)
 
+  a = sub.add_parser(
+    "animate", help="portrait + driving video | coefficients (e.g. SadTalker audio) | edits -> mp4 (ICA, CFG)"
+  )
+  animate_arguments(a)
+  a.set_defaults(fn=_animate)
+
   e = sub.add_parser(
     "extract-motion", help="MediaPipe FaceMesh landmarks -> 261-column motion coefficients + face_model.npz"
   )
   extract_motion_arguments(e)
   e.set_defaults(fn=_extract_motion)
   return parser
+
+
+def _animate(args) -> int:
+  from mimajax import animate
+
+  return animate.run(args)
 
 
 def _extract_motion(args) -> int:

@@ -36,7 +36,8 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, Autoencod
   if m.pretrained:
     vae = _load_sd(model, m)
   else:
-    vae = factory.build_vae(m, rngs=rngs)
+    vae = _stage1_vae(config) or factory.build_vae(m, rngs=nnx.Rngs(config.seed + 1))  # its own stream: the
+    # same random VAE for a seed whatever else is built (stage 2 must see stage 1's latent space)
   if m.clip_pretrained:
     from mimajax.convert import clip_format
 
@@ -47,6 +48,21 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, Autoencod
     _load_motion(model, m)
   remat.set_remat(model.unet, m.remat)
   return model, vae
+
+
+def _stage1_vae(config: ml_collections.ConfigDict) -> AutoencoderKL | None:
+  """The VAE a stage-1 run (config.train.init_from) trained with, when it kept one (random VAEs are kept)."""
+  from mimajax import checkpointing
+  from mimajax.convert import diffusers_format
+
+  if not config.train.init_from:
+    return None
+  workdir = checkpointing.step_folder(config.train.init_from).parent.parent
+  folder = workdir / checkpointing.VAE_DIR
+  if not folder.is_dir():
+    return None
+  m = config.model
+  return diffusers_format.load_vae(folder, dtype=factory.compute_dtype(m.dtype), attention_impl=m.attention_impl)
 
 
 def keep_vae(vae: AutoencoderKL, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:

@@ -135,7 +135,7 @@ def write_samples(workdir: str | os.PathLike, step: int, run, state, host_batch:
                         guidance_scale=config.sample.guidance_scale))  # fmt: skip
   noise = jax.random.normal(jax.random.fold_in(jax.random.key(config.seed + 1), step), batch["latents"].shape)
   latents = sampler(context=appearance.context, render_latents=batch["render_latents"], noise=noise)
-  first = lambda x: x[:, 0] if x.ndim == 5 else x
+  first = (lambda x: x[:, 0]) if config.stage == 2 else (lambda x: x)  # the first frame of each clip
   size = config.data.resolution
   columns = [
     conditioning.clip_source(jax.numpy.asarray(local["source_frame"]), size),

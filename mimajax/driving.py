@@ -1,0 +1,378 @@
+"""Driving motion for `mimajax animate` (MIMAFace "Motion Representation"): 3DMM rows from files, videos or edits.
+
+Every driver becomes rows of coefficients in the Deep3DFaceRecon layout (`face3d.coefficients`, 257 or 261 with
+the release's gaze). Readers (`read_driving`):
+
+  .npy             (T, 257 | 261), or one row (257 | 261,); (T, 70 | 73) rows are read as SadTalker's
+  .mat `coeff`     (T, 257 | 261): Deep3DFaceRecon (TF) and `mimajax prepare`'s layout
+  .mat `id`, `exp`, `tex`, `angle`, `gamma`, `trans` [, `gaze`]: Deep3DFaceRecon_pytorch's `save_coeff` groups
+  .mat `coeff_3dmm` SadTalker (OpenTalker/SadTalker): (T, 70) = expression 64 | angle 3 | translation 3 from audio
+                   (src/test_audio2coeff.py `Audio2Coeff.generate`), or (T, 73) from its CropAndExtract
+                   (src/utils/preprocess.py; + 3 crop parameters, dropped). This is how audio drives the model.
+  video            FaceMesh landmarks of its Haar face crop (as `prepare --crop detect`), streamed; rows in the
+                   checkpoint's landmark face model (`with_motion`), as data_pipeline.motion_extraction makes them
+
+SadTalker rows only carry expression and pose; their other groups are zero and come from the source on blending.
+
+Blending (`blend`) is the release's: `D3DFR_wrapper.forward_uncropped_tensor_FaceDrive_WithWarpmat_Reenact`
+(models/D3DFR/D3DFR_ReconModel.py of MIMAFace2024/MIMAFace) builds
+`coeffBlendSrcRef = [id_src, exp_drv, tex_src, angle_drv, gamma_src, trans_drv, gaze_drv]`, the rows infer_video.py
+renders and feeds to MIA. The release has no relative mode; "relative" here is the FOMM/SadTalker convention
+(SadTalker's `using_refpose`): source motion + (driving - driving[0]) for expression, angle, translation and gaze.
+
+Edits (`apply_edits`), each `key=value`, applied to every row:
+  yaw=+15, pitch=-10, roll=5   degrees added to the Euler angles (Deep3DFaceRecon's x = pitch, y = yaw, z = roll):
+                               positive yaw turns the face towards the image's right, positive pitch tilts the
+                               chin down, positive roll turns the face counter-clockwise on screen
+  tx=+0.1, ty=-0.1, tz=0.5     added to the translation (model units, decimetres; the camera looks from z = 10)
+  exp_scale=1.5                expression multiplied (0: neutral, > 1: exaggerated)
+  exp_from=FILE[:FRAME]        expression of row FRAME (default 0) of another coefficient file or video
+  pose_from=FILE[:FRAME]       angle and translation from there; gaze_from=FILE[:FRAME] its gaze (261-wide files)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from mimajax import video_io
+from mimajax.face3d import coefficients as coefficient_layout
+from mimajax.face3d.camera import DEEP3D_SIZE
+from mimajax.face3d.coefficients import BASE_WIDTH, COEFFICIENT_SLICES, COEFFICIENT_WIDTHS
+from mimajax.face3d.landmark_model import NUM_LANDMARKS
+
+FACE_MARGIN = 1.8  # crop side / Haar face side: prepare's PrepareOptions.face_margin, so crops match training
+PREVIEW_SIZE = 256  # side of the driving video's face crops kept for the side-by-side view
+SADTALKER_WIDTHS = (70, 73)  # expression 64 | angle 3 | translation 3 [| crop parameters 3]
+D3DFR_PYTORCH_KEYS = {"id": "identity", "exp": "expression", "tex": "texture", "angle": "angle", "gamma": "gamma",
+                      "trans": "translation", "gaze": "gaze"}  # fmt: skip
+MOTION_GROUPS = ("expression", "angle", "translation", "gaze")  # what a driver contributes; the rest is the source's
+BLEND_MODES = ("absolute", "relative")
+ANGLE_INDEX = {"pitch": 0, "yaw": 1, "roll": 2}
+TRANSLATION_INDEX = {"tx": 0, "ty": 1, "tz": 2}
+FROM_GROUPS = {"exp_from": ("expression",), "pose_from": ("angle", "translation"), "gaze_from": ("gaze",)}
+EDIT_KEYS = (*ANGLE_INDEX, *TRANSLATION_INDEX, "exp_scale", *FROM_GROUPS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Driving:
+  """Driving rows, and what they came from."""
+
+  coeffs: np.ndarray | None  # (T, 257 | 261) float32; None: a video before `with_motion`
+  kind: str  # "coefficients" | "sadtalker" | "video"
+  landmarks: np.ndarray | None = None  # a video's FaceMesh landmarks (T, 478, 3), 224-px face-crop pixels
+  previews: np.ndarray | None = None  # a video's face crops (T, 256, 256, 3) uint8, for the side-by-side view
+  fps: float | None = None  # a video's frame rate
+  source: str = ""  # the file
+
+  def __len__(self) -> int:
+    return len(self.coeffs if self.coeffs is not None else self.landmarks)
+
+
+def _slice(name: str) -> slice:
+  return slice(*COEFFICIENT_SLICES[name])
+
+
+def check_coefficients(coeffs, what: str) -> np.ndarray:
+  """(T, 257 | 261) finite float32 rows (a single row becomes (1, W)); ValueError naming `what` otherwise."""
+  try:
+    coeffs = np.asarray(coeffs, np.float32)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{what}: not an array of numbers ({e})") from None
+  if coeffs.ndim == 1:
+    coeffs = coeffs[None]
+  if coeffs.ndim != 2 or coeffs.shape[1] not in COEFFICIENT_WIDTHS or len(coeffs) == 0:
+    raise ValueError(
+      f"{what}: coefficients of shape {coeffs.shape}; expected (frames, 257) in Deep3DFaceRecon's layout, (frames, "
+      "261) with the release's gaze, or SadTalker's (frames, 70 | 73) (expression 64 | angle 3 | translation 3)"
+    )
+  if not np.isfinite(coeffs).all():
+    rows = np.unique(np.nonzero(~np.isfinite(coeffs))[0])
+    raise ValueError(f"{what}: non-finite values (NaN or inf) in {len(rows)} rows (first: {rows[:5].tolist()})")
+  return coeffs
+
+
+def from_sadtalker(rows, what: str = "SadTalker coefficients") -> np.ndarray:
+  """SadTalker's (T, 70 | 73) exp | angle | trans [| crop] -> (T, 257) with identity, texture and lighting zero."""
+  rows = np.asarray(rows, np.float32)
+  if rows.ndim != 2 or rows.shape[1] not in SADTALKER_WIDTHS:
+    raise ValueError(f"{what}: shape {rows.shape}; SadTalker's coeff_3dmm is (frames, 70) or (frames, 73)")
+  out = np.zeros((len(rows), BASE_WIDTH), np.float32)
+  out[:, _slice("expression")] = rows[:, 0:64]
+  out[:, _slice("angle")] = rows[:, 64:67]
+  out[:, _slice("translation")] = rows[:, 67:70]
+  return out
+
+
+def _read_mat(path: Path) -> tuple[np.ndarray, str]:
+  import scipy.io
+
+  try:
+    mat = scipy.io.loadmat(path)
+  except Exception as e:  # noqa: BLE001  (scipy raises several types for a file that is not a .mat)
+    raise ValueError(f"{path} is not a readable MATLAB .mat file ({type(e).__name__}: {e})") from e
+  keys = sorted(k for k in mat if not k.startswith("__"))
+  if "coeff" in mat:
+    return mat["coeff"], "coefficients"
+  if "coeff_3dmm" in mat:
+    return from_sadtalker(np.atleast_2d(mat["coeff_3dmm"]), f"{path}: coeff_3dmm"), "sadtalker"
+  if all(k in mat for k in ("id", "exp", "tex", "angle", "gamma", "trans")):
+    groups = {name: np.atleast_2d(mat[k]) for k, name in D3DFR_PYTORCH_KEYS.items() if k in mat}
+    try:  # checks every group's width; the frames must agree
+      return np.asarray(coefficient_layout.join(groups)), "coefficients"
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{path}: Deep3DFaceRecon_pytorch groups do not fit the layout: {e}") from None
+  raise ValueError(
+    f"{path} has none of the coefficient layouts (keys {keys}); expected 'coeff' (Deep3DFaceRecon, frames x 257|261), "
+    "'coeff_3dmm' (SadTalker, frames x 70|73) or 'id', 'exp', 'tex', 'angle', 'gamma', 'trans' (D3DFR_pytorch)"
+  )
+
+
+def load_coefficients(path: str | os.PathLike) -> tuple[np.ndarray, str]:
+  """(rows (T, 257 | 261) float32, kind "coefficients" | "sadtalker") of a .npy or .mat file."""
+  path = Path(path)
+  if not path.is_file():
+    raise ValueError(f"coefficient file {path} does not exist")
+  suffix = path.suffix.lower()
+  if suffix == ".mat":
+    rows, kind = _read_mat(path)
+  elif suffix == ".npy":
+    try:
+      rows = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+      raise ValueError(f"{path} is not a readable .npy array ({type(e).__name__}: {e})") from e
+    kind = "coefficients"
+    if rows.ndim == 2 and rows.shape[1] in SADTALKER_WIDTHS:
+      rows, kind = from_sadtalker(rows, str(path)), "sadtalker"
+  else:
+    raise ValueError(f"coefficient file {path}: unknown extension {suffix!r}; expected .npy or .mat")
+  return check_coefficients(rows, str(path)), kind
+
+
+def detect_face_box(image: np.ndarray, margin: float = FACE_MARGIN) -> tuple[int, int, int] | None:
+  """Square crop (x0, y0, side) around the largest Haar face, enlarged by margin; None if there is none."""
+  from data_pipeline import prepare
+
+  return prepare.face_box([image], margin)
+
+
+def video_face_box(frames: Iterable[np.ndarray], margin: float = FACE_MARGIN, step: int = 5, most: int = 16):
+  """One crop for a whole video, as `prepare` makes it: the median of up to `most` faces found in every
+  step-th frame (None if none)."""
+  from data_pipeline import prepare
+
+  return prepare.face_box(itertools.islice(frames, 0, None, step), margin, most)
+
+
+def _landmarker():
+  from data_pipeline import face_landmarks
+
+  try:
+    face_landmarks.check_available()
+    return face_landmarks.FaceLandmarker()
+  except face_landmarks.LandmarkerUnavailable as e:
+    raise ValueError(f"motion extraction from images is unavailable ({e}); pass coefficient files instead") from e
+
+
+def crop_landmarks(crops: Iterable[np.ndarray], side: int, what: str, max_gap: int = 12) -> np.ndarray:
+  """FaceMesh landmarks (T, 478, 3) of aligned face crops of `side` pixels, in 224-px crop pixels as the data
+  pipeline caches them, short gaps filled (data_pipeline.motion_extraction pass 1)."""
+  from data_pipeline import motion_extraction as me
+
+  landmarks, found = _landmarker().track(crops)
+  filled = me.fill_gaps(landmarks * np.float32(DEEP3D_SIZE / side), found, max_gap)
+  if filled is None:
+    raise ValueError(
+      f"MediaPipe found a face in {int(found.sum())} of {len(found)} frames of {what} (gaps over {max_gap} frames "
+      "cannot be filled): the face must stay visible"
+    )
+  return filled
+
+
+def motion_from_landmarks(landmarks: np.ndarray, face_model) -> np.ndarray:
+  """Landmarks (T, 478, 3) -> (T, 261) rows in `face_model`'s expression basis (the pipeline's pass 2: pose fit,
+  projection on the checkpoint's expression PCA, gaze); the model must be the landmark morphable model."""
+  from data_pipeline import motion_extraction as me
+
+  if face_model.num_vertices != NUM_LANDMARKS:
+    raise ValueError(
+      f"motion from images needs the landmark face model (face_model.npz of `mimajax extract-motion`, "
+      f"{NUM_LANDMARKS} vertices); this checkpoint's has {face_model.num_vertices}: pass coefficient files instead "
+      "(--driving FILE.npy|.mat, --source-coefficients FILE)"
+    )
+  fit = me.fit_pose(landmarks)
+  mean = np.asarray(face_model.mean_shape, np.float64).reshape(-1)
+  beta = me.ShapePCA.project(fit["shape"], mean, np.asarray(face_model.expression_basis, np.float64))
+  return me.assemble(fit["angle"], fit["translation"], beta, me.gaze(fit["shape"]))
+
+
+def read_video_driver(path, *, max_frames: int | None = None, previews: bool = False) -> Driving:
+  """A driving video, streamed twice (Haar crop, then FaceMesh landmarks): memory does not grow with its pixels."""
+  from data_pipeline.prepare import crop_and_resize
+
+  box = video_face_box(video_io.iter_video(path, max_frames))
+  if box is None:
+    raise ValueError(f"no face found in the driving video {path}: the Haar detector saw none in its frames")
+  kept = []
+
+  def crops():
+    for frame in video_io.iter_video(path, max_frames):
+      crop = crop_and_resize(frame, box, box[2])  # at the crop's own size, as the pipeline: no detail lost
+      if previews:
+        kept.append(crop_and_resize(crop, None, PREVIEW_SIZE))
+      yield crop
+
+  landmarks = crop_landmarks(crops(), box[2], f"the driving video {path}")
+  return Driving(None, "video", landmarks=landmarks, previews=np.stack(kept) if previews else None,
+                 fps=video_io.video_fps(path), source=str(path))  # fmt: skip
+
+
+def read_driving(path: str | os.PathLike, *, max_frames: int | None = None, previews: bool = False) -> Driving:
+  """A driver file -> Driving; a video's rows come with `with_motion` (they need the checkpoint's face model)."""
+  path = Path(path)
+  if video_io.is_video(path):
+    return read_video_driver(path, max_frames=max_frames, previews=previews)
+  if path.suffix.lower() not in (".npy", ".mat"):
+    raise ValueError(
+      f"driver {path}: unknown kind {path.suffix!r}; expected a video ({', '.join(video_io.VIDEO_EXTENSIONS)}) or "
+      "a coefficient file (.npy, .mat)"
+    )
+  coeffs, kind = load_coefficients(path)
+  return Driving(coeffs[:max_frames] if max_frames else coeffs, kind, source=str(path))
+
+
+def with_motion(drv: Driving, face_model) -> Driving:
+  """A video Driving with its rows (from its landmarks, in `face_model`'s basis); other drivers as they are."""
+  if drv.coeffs is not None:
+    return drv
+  return dataclasses.replace(drv, coeffs=motion_from_landmarks(drv.landmarks, face_model))
+
+
+def source_motion(crop: np.ndarray, face_model) -> np.ndarray:
+  """The source's own coefficients (1, 261) from its aligned face crop."""
+  crop = np.asarray(crop)
+  return motion_from_landmarks(crop_landmarks([crop], crop.shape[0], "the source crop"), face_model)
+
+
+def fit_width(coeffs: np.ndarray, width: int | None) -> np.ndarray:
+  """Rows to `width` columns: 261 -> 257 drops the gaze, 257 -> 261 appends a zero (straight-ahead) gaze."""
+  coeffs = np.asarray(coeffs, np.float32)
+  if width is None or coeffs.shape[-1] == width:
+    return coeffs
+  if width not in COEFFICIENT_WIDTHS:
+    raise ValueError(f"coefficient width {width}; expected one of {COEFFICIENT_WIDTHS}")
+  if width < coeffs.shape[-1]:
+    return coeffs[..., :width]
+  return np.concatenate([coeffs, np.zeros(coeffs.shape[:-1] + (width - coeffs.shape[-1],), np.float32)], axis=-1)
+
+
+def blend(source, driving, mode: str = "absolute") -> np.ndarray:
+  """Source identity/texture/lighting with the driver's expression/pose/gaze -> (T, 257 | 261).
+
+  source: one row (257 | 261) or (1, W); driving: (T, 257 | 261). "absolute": the driver's motion as it is (the
+  release); "relative": the source's motion plus the driver's change since its first frame. Gaze: the driver's when
+  it has one (261 columns), else the source's; a missing source gaze counts as zero.
+  """
+  if mode not in BLEND_MODES:
+    raise ValueError(f"blend mode {mode!r}; expected one of {BLEND_MODES}")
+  source = check_coefficients(source, "source coefficients")
+  if len(source) != 1:
+    raise ValueError(f"source coefficients: one row expected; got {len(source)}")
+  driving = check_coefficients(driving, "driving coefficients")
+  width = max(source.shape[1], driving.shape[1])
+  given = [n for n in MOTION_GROUPS if COEFFICIENT_SLICES[n][1] <= driving.shape[1]]  # a 257-wide driver: no gaze
+  source, driving = fit_width(source, width), fit_width(driving, width)
+  out = np.repeat(source, len(driving), axis=0)
+  for name in given:
+    s = _slice(name)
+    out[:, s] = driving[:, s] if mode == "absolute" else source[:, s] + (driving[:, s] - driving[:1, s])
+  return out
+
+
+def parse_frame_spec(spec: str) -> tuple[str, int]:
+  """ "file.npy:12" -> ("file.npy", 12); "file.npy" -> ("file.npy", 0)."""
+  match = re.fullmatch(r"(.+?):(\d+)", spec)
+  if match and not Path(spec).exists():
+    return match.group(1), int(match.group(2))
+  return spec, 0
+
+
+def parse_edits(edits: str | Sequence[str]) -> list[tuple[str, str]]:
+  """`["yaw=+15", "pitch=-10,roll=5"]` (commas also separate) -> [(key, value), ...], keys checked."""
+  if isinstance(edits, str):
+    edits = [edits]
+  parsed = []
+  for item in (part.strip() for edit in edits for part in edit.split(",")):
+    if not item:
+      continue
+    key, sep, value = item.partition("=")
+    key, value = key.strip().lower(), value.strip()
+    if not sep or not value:
+      raise ValueError(f"edit {item!r}: expected key=value, e.g. yaw=+15 or exp_from=other.npy:12")
+    if key not in EDIT_KEYS:
+      raise ValueError(f"edit {item!r}: unknown key {key!r}; expected one of {list(EDIT_KEYS)}")
+    parsed.append((key, value))
+  return parsed
+
+
+def _number(key: str, value: str) -> float:
+  try:
+    x = float(value)
+  except ValueError:
+    raise ValueError(f"edit {key}={value}: {value!r} is not a number") from None
+  if not np.isfinite(x):
+    raise ValueError(f"edit {key}={value}: the value must be finite")
+  return x
+
+
+def _row_from(key: str, spec: str, face_model=None) -> np.ndarray:
+  path, frame = parse_frame_spec(spec)
+  driving = read_driving(path, max_frames=frame + 1)
+  if driving.coeffs is None:
+    if face_model is None:
+      raise ValueError(f"edit {key}={spec}: rows from a video need the checkpoint's face model")
+    driving = with_motion(driving, face_model)
+  if frame >= len(driving.coeffs):
+    raise ValueError(f"edit {key}={spec}: frame {frame} is out of range; {path} has {len(driving.coeffs)} rows")
+  return driving.coeffs[frame]
+
+
+def apply_edits(coeffs, edits: str | Sequence[str], *, face_model=None) -> np.ndarray:
+  """Rows (T, 257 | 261) with the edits (see the module docstring) applied to every row."""
+  out = check_coefficients(coeffs, "coefficients to edit").copy()
+  for key, value in parse_edits(edits):
+    if key in ANGLE_INDEX:
+      out[:, COEFFICIENT_SLICES["angle"][0] + ANGLE_INDEX[key]] += np.deg2rad(_number(key, value))
+    elif key in TRANSLATION_INDEX:
+      out[:, COEFFICIENT_SLICES["translation"][0] + TRANSLATION_INDEX[key]] += _number(key, value)
+    elif key == "exp_scale":
+      out[:, _slice("expression")] *= _number(key, value)
+    else:
+      row = _row_from(key, value, face_model)
+      for name in FROM_GROUPS[key]:
+        if COEFFICIENT_SLICES[name][1] > row.shape[0]:
+          raise ValueError(f"edit {key}={value}: that file has no {name} (257 columns; gaze needs 261)")
+        if COEFFICIENT_SLICES[name][1] > out.shape[1]:
+          out = fit_width(out, row.shape[0])
+        out[:, _slice(name)] = row[_slice(name)]
+  return out
+
+
+def edit_sequence(source, edits: str | Sequence[str], frames: int, *, ramp: bool = True, face_model=None) -> np.ndarray:
+  """(frames, W) rows for an edit-driven video: from the source's own coefficients to the edited ones.
+
+  ramp: linear from the unedited source (first frame) to the full edit (last frame); otherwise the edit held.
+  """
+  if frames < 1:
+    raise ValueError(f"an edit-driven video needs frames >= 1; got {frames}")
+  source = check_coefficients(source, "source coefficients")[:1]
+  edited = apply_edits(source, edits, face_model=face_model)
+  source = fit_width(source, edited.shape[1])
+  weight = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None] if ramp and frames > 1 else np.ones((frames, 1))
+  return (source + weight * (edited - source)).astype(np.float32)
