@@ -9,6 +9,7 @@ from data_pipeline.bench import add_arguments as loader_bench_arguments
 from data_pipeline.motion_extraction import add_arguments as extract_motion_arguments
 from data_pipeline.prepare import add_arguments as prepare_arguments
 from mimajax.animate import add_arguments as animate_arguments
+from mimajax.convert.mimaface_export import add_arguments as export_arguments
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
 
 
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
   animate_arguments(a)
   a.set_defaults(fn=_animate)
 
+  x = sub.add_parser(
+    "export", help="trained model -> diffusers/transformers folders + SD single files (docs/export_layout.md)"
+  )
+  export_arguments(x)
+  x.set_defaults(fn=_export)
+
   e = sub.add_parser(
     "extract-motion", help="MediaPipe FaceMesh landmarks -> 261-column motion coefficients + face_model.npz"
   )
@@ -117,6 +124,12 @@ def _animate(args) -> int:
   from mimajax import animate
 
   return animate.run(args)
+
+
+def _export(args) -> int:
+  from mimajax.convert import mimaface_export
+
+  return mimaface_export.run(args)
 
 
 def _extract_motion(args) -> int:

@@ -161,10 +161,18 @@ def motion_parity(size: str = "tiny", pretrained: str | None = None, seed: int =
   return animatediff_format.motion_parity(size=size, seed=seed, log=log)
 
 
+def mimaface_parity(size: str = "tiny", pretrained: str | None = None, seed: int = 0, log=print, **kw) -> float:
+  """The whole stage-2 MIMAFace (CLIP, MIA, renders, a U-Net step, DDIM + CFG + ICA, decoded frames) vs its export."""
+  from mimajax import parity_mimaface
+
+  return parity_mimaface.mimaface_parity(size=size, pretrained=pretrained, seed=seed, log=log, **kw)
+
+
 COMPONENTS = {
   "unet": unet_parity,
   "vae": vae_parity,
   "scheduler": scheduler_parity,
   "clip": clip_parity,
   "motion": motion_parity,
+  "mimaface": mimaface_parity,
 }

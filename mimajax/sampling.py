@@ -104,8 +104,8 @@ class ClipSampler:
       cond_latents = jnp.zeros_like(noise)
     if mask is None:
       mask = jnp.zeros(noise.shape[:-1] + (1,), noise.dtype)
-    # Checks the four inputs' shapes up front with a clear message (the same function builds the U-Net input).
-    ica.unet_input(noise, jnp.asarray(render_latents), jnp.asarray(cond_latents), jnp.asarray(mask))
+    # The four inputs' shapes, checked up front (shapes only) by the function that builds the U-Net input.
+    jax.eval_shape(ica.unet_input, noise, render_latents, cond_latents, mask)
     context = jnp.asarray(context)
     if context.shape[0] != noise.shape[0] or context.ndim not in (3, 4):
       raise ValueError(

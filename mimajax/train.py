@@ -52,6 +52,7 @@ class Run:
   vae_graphdef: Any
   step_fn: Any
   iterator: Any
+  sampler: Any = None  # the sample writer's ClipSampler, built at the first sample step
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

@@ -130,9 +130,13 @@ def write_samples(workdir: str | os.PathLike, step: int, run, state, host_batch:
                                    shading=config.data.render_shading)  # fmt: skip
   appearance = model.encode_appearance(batch["source"], batch["motion"], batch.get("face_features"))
   schedule = schedulers.make_noise_schedule(**config.noise_schedule.to_dict())
-  sampler = ClipSampler(model, schedule, SamplerConfig(scheduler=config.sample.scheduler,
-                        num_inference_steps=config.sample.num_inference_steps,
-                        guidance_scale=config.sample.guidance_scale))  # fmt: skip
+  sampler = getattr(run, "sampler", None)
+  if sampler is None:  # one sampler for the run: later sample steps swap in new weights, no recompilation
+    sampler = run.sampler = ClipSampler(model, schedule, SamplerConfig(scheduler=config.sample.scheduler,
+                                        num_inference_steps=config.sample.num_inference_steps,
+                                        guidance_scale=config.sample.guidance_scale))  # fmt: skip
+  else:
+    sampler.state = nnx.state(model)
   noise = jax.random.normal(jax.random.fold_in(jax.random.key(config.seed + 1), step), batch["latents"].shape)
   latents = sampler(context=appearance.context, render_latents=batch["render_latents"], noise=noise)
   first = (lambda x: x[:, 0]) if config.stage == 2 else (lambda x: x)  # the first frame of each clip

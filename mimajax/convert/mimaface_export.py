@@ -1,0 +1,334 @@
+"""MIMAFace (JAX) -> a folder PyTorch runs: diffusers / transformers components, MIA safetensors, SD single files.
+
+`export_mimaface` writes the layout of docs/export_layout.md: `unet/` (diffusers `UNetMotionModel` with the
+motion modules for stage 2, `UNet2DConditionModel` for stage 1; 13 input channels), `vae/`, `image_encoder/`
+(transformers CLIP vision), `mia/` and `conv_in/` (safetensors with documented keys), `scheduler/`,
+`mimaface_config.json`, `model_index.json`, the face model, and `sd_single_file/` (the spatial U-Net + VAE with
+LDM keys; for stage 2 the motion modules in the original AnimateDiff layout). `mimajax.pytorch.MIMAFacePipeline`
+runs it; `load_export` reads it back into JAX. The folder is written beside `out_dir` under a temporary name and
+renamed when complete, so a failure leaves no `out_dir`.
+
+Command: `mimajax export --checkpoint CKPT --out DIR [--no-single-file] [--no-ema] [--overwrite] [--vae DIR]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mimajax import augment
+from mimajax.convert import animatediff_format, clip_format, diffusers_format, release_format, sd_single_file
+from mimajax.convert.errors import CheckpointReadError
+from mimajax.convert.state_dict import KeyMap, merge_params
+from mimajax.face3d.landmark_model import load_face_model, save_face_model
+from mimajax.models.clip_vision import CLIPVisionConfig
+from mimajax.models.mia import MIAConfig, build_mia
+from mimajax.models.mimaface import MIMAFace, MIMAFaceConfig
+from mimajax.models.unet_config import UNetConfig
+from mimajax.models.unet_motion import MotionConfig
+from mimajax.models.vae import AutoencoderKL
+from mimajax.sampling import SamplerConfig
+
+CONFIG_FILE, INDEX_FILE, FACE_MODEL_FILE = "mimaface_config.json", "model_index.json", "face_model.npz"
+MIA_WEIGHTS, CONV_IN_WEIGHTS = "mia.safetensors", "conv_in.safetensors"
+SINGLE_FILE_DIR = "sd_single_file"
+SINGLE_FILE_UNET_VAE, SINGLE_FILE_MOTION = "mimaface_unet_vae.safetensors", "mimaface_motion_modules.safetensors"
+CONV_IN_CHANNELS = "noisy 0:4 | render latents 4:8 | ICA latents 8:12 | ICA mask 12:13"
+DEFAULT_ICA_FRAMES = 3  # the release's prev_frame_num
+
+
+@dataclasses.dataclass
+class ExportedModel:
+  """What `load_export` reads back: the model, its VAE and face model, and the inference defaults."""
+
+  model: MIMAFace
+  vae: AutoencoderKL
+  face_model: Any  # MorphableModel or None
+  sampler: SamplerConfig
+  resolution: int
+  num_frames: int
+  ica_frames: int
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def config_to_dict(config: MIMAFaceConfig) -> dict[str, Any]:
+  return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists, as the file holds them
+
+
+def _tuples(x):
+  return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _dataclass(cls, raw: dict):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(raw) - names)
+  if unknown:
+    raise CheckpointReadError(f"{CONFIG_FILE}: unknown {cls.__name__} fields {unknown}")
+  return cls(**{k: _tuples(v) for k, v in raw.items()})
+
+
+def config_from_dict(raw: dict[str, Any]) -> MIMAFaceConfig:
+  """The MIMAFaceConfig of a `mimaface_config.json` (its "inference" entry ignored)."""
+  raw = {k: v for k, v in raw.items() if k != "inference"}
+  nested = dict(unet=UNetConfig, clip=CLIPVisionConfig, mia=MIAConfig, motion=MotionConfig,
+                augment=augment.PhotometricConfig)  # fmt: skip
+  parts = {k: (None if raw.get(k) is None else _dataclass(cls, raw[k])) for k, cls in nested.items() if k in raw}
+  return _dataclass(MIMAFaceConfig, {**raw, **parts})
+
+
+def _inference_defaults(model: MIMAFace, config, resolution, num_frames, ica_frames) -> dict[str, Any]:
+  """Sampler settings and clip geometry for PyTorch users: explicit values, else the training config's."""
+  sample = config.get("sample", {}) if config is not None else {}
+  data = config.get("data", {}) if config is not None else {}
+  sampler = SamplerConfig(
+    scheduler=sample.get("scheduler", "ddim"),
+    num_inference_steps=sample.get("num_inference_steps", 25),
+    guidance_scale=sample.get("guidance_scale", 3.5),
+  )
+  frames = num_frames or (data.get("num_frames", 16) if model.config.video else 1)
+  if ica_frames is None:
+    ica_frames = min(DEFAULT_ICA_FRAMES, frames - 1) if model.config.video else 0
+  return dict(
+    **dataclasses.asdict(sampler),
+    resolution=int(resolution or data.get("resolution", 512)),
+    num_frames=int(frames),
+    ica_frames=int(ica_frames),
+  )
+
+
+def _noise_schedule(config) -> dict[str, Any]:
+  from configs import common
+
+  schedule = config.get("noise_schedule") if config is not None else None
+  schedule = common.noise_schedule() if schedule is None else schedule
+  return schedule.to_dict() if hasattr(schedule, "to_dict") else dict(schedule)
+
+
+def scheduler_config(noise_schedule: dict[str, Any], timestep_spacing: str = "leading") -> dict[str, Any]:
+  """diffusers DDIMScheduler config.json for the training schedule, as SD1.5 pipelines sample it."""
+  return dict(
+    _class_name="DDIMScheduler",
+    _diffusers_version=diffusers_format.DIFFUSERS_VERSION,
+    **noise_schedule,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing=timestep_spacing,
+  )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def mia_key_map(mia) -> KeyMap:
+  """MIA keys are its parameter paths with "/" -> "." (torch leaf names): `mimajax.pytorch.mia` loads them 1:1."""
+  return KeyMap(nnx.state(mia, nnx.Param), what=f"MIA ({type(mia).__name__})")
+
+
+def _save_safetensors(path: Path, state: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+  from safetensors.numpy import save_file
+
+  save_file(
+    {k: np.ascontiguousarray(v) for k, v in state.items()}, str(path), metadata={"format": "pt", **(metadata or {})}
+  )
+
+
+def _write_mia(model: MIMAFace, folder: Path) -> None:
+  cfg = model.config.mia
+  config = {"_class_name": "MotionIdentityAdapter" if cfg.variant == "paper" else "ReleaseMIA",
+            **dataclasses.asdict(cfg)}  # fmt: skip
+  state = mia_key_map(model.mia).to_torch(nnx.state(model.mia, nnx.Param))
+  diffusers_format.write_folder(folder, config, state, weights_name="mia", stamp_diffusers_version=False)
+
+
+def _write_conv_in(unet_state: dict[str, np.ndarray], folder: Path) -> None:
+  folder.mkdir()
+  state = {k: unet_state[k] for k in ("conv_in.weight", "conv_in.bias")}
+  _save_safetensors(folder / CONV_IN_WEIGHTS, state, {"input_channels": CONV_IN_CHANNELS})
+
+
+def _write_all(model: MIMAFace, vae: AutoencoderKL, out: Path, config, face_model, single_file: bool,
+               inference: dict[str, Any]) -> None:  # fmt: skip
+  video = model.config.video
+  # Each part is converted to PyTorch layout once; the single files reuse those tensors.
+  if video:  # UNetMotionModel keys (motion modules and their positional tables included)
+    unet_state = animatediff_format.unet_motion_to_torch_state(model.unet)
+  else:
+    unet_state = diffusers_format.unet_to_torch_state(model.unet)
+  diffusers_format.write_folder(out / "unet", model.unet.config.to_diffusers(), unet_state)
+  _write_conv_in(unet_state, out / "conv_in")
+  vae_state = diffusers_format.vae_to_torch_state(vae)
+  diffusers_format.write_folder(out / "vae", vae.config.to_diffusers(), vae_state)
+  clip_format.save_clip_vision(model.clip, out / "image_encoder")
+  _write_mia(model, out / "mia")
+  sched = scheduler_config(_noise_schedule(config), inference["timestep_spacing"])
+  (out / "scheduler").mkdir()
+  (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2, sort_keys=True) + "\n")
+  (out / CONFIG_FILE).write_text(json.dumps({**config_to_dict(model.config), "inference": inference}, indent=2) + "\n")
+  if config is not None:
+    (out / "training_config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  if face_model is not None:
+    save_face_model(face_model, out / FACE_MODEL_FILE)
+  if single_file:
+    is_motion = lambda key: ".motion_modules." in f".{key}"  # noqa: E731
+    spatial_config = model.unet.config.spatial() if video else model.unet.config
+    sd_single_file.save_single_file(
+      out / SINGLE_FILE_DIR / SINGLE_FILE_UNET_VAE,
+      unet_state={k: v for k, v in unet_state.items() if not is_motion(k)},
+      unet_config=spatial_config.to_diffusers(),
+      vae_state=vae_state,
+      vae_config=vae.config.to_diffusers(),
+    )
+    if video:  # the original AnimateDiff layout, as animatediff_format.save_animatediff_checkpoint writes it
+      motion = animatediff_format.motion_state_to_original({k: v for k, v in unet_state.items() if is_motion(k)})
+      _save_safetensors(out / SINGLE_FILE_DIR / SINGLE_FILE_MOTION, motion)
+  index = {
+    "_class_name": "MIMAFacePipeline",
+    "_mimajax_pipeline": "mimajax.pytorch.MIMAFacePipeline",
+    "_diffusers_version": diffusers_format.DIFFUSERS_VERSION,
+    "unet": ["diffusers", "UNetMotionModel" if video else "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "image_encoder": [
+      "transformers",
+      "CLIPVisionModelWithProjection" if model.clip.with_projection else "CLIPVisionModel",
+    ],
+    "mia": ["mimajax.pytorch", "MotionIdentityAdapter" if model.config.mia.variant == "paper" else "ReleaseMIA"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+  }
+  (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_mimaface(
+  model: MIMAFace,
+  vae: AutoencoderKL,
+  out_dir: str | os.PathLike,
+  *,
+  config=None,
+  face_model=None,
+  overwrite: bool = False,
+  single_file: bool = True,
+  resolution: int | None = None,
+  num_frames: int | None = None,
+  ica_frames: int | None = None,
+) -> Path:
+  """Writes the export folder (docs/export_layout.md) atomically; returns its path.
+
+  config: the training ml_collections config (noise schedule, sampler and clip defaults; SD1.5's schedule and
+  SamplerConfig() without it). resolution / num_frames / ica_frames override what the config says.
+  """
+  out = Path(out_dir)
+  if out.exists() and not overwrite:
+    raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+  inference = _inference_defaults(model, config, resolution, num_frames, ica_frames)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+  try:
+    _write_all(model, vae, tmp, config, face_model, single_file, inference)
+    if out.exists():  # overwrite: move the old folder aside first, so the swap is two renames
+      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+      os.replace(out, old / out.name)
+      os.replace(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+# ----------------------------------------------------------------------------- reading back
+
+
+def load_export(folder: str | os.PathLike, *, dtype=jnp.float32, attention_impl: str | None = None) -> ExportedModel:
+  """An export folder back into JAX, every part strictly checked (the inverse of `export_mimaface`)."""
+  folder = Path(folder)
+  path = folder / CONFIG_FILE
+  if not path.is_file():
+    raise CheckpointReadError(f"{folder} is not a mimajax export: no {CONFIG_FILE}")
+  try:
+    raw = json.loads(path.read_text())
+    config = config_from_dict(raw)
+  except (OSError, ValueError, TypeError) as e:
+    raise CheckpointReadError(f"cannot read {path}: {e}") from e
+  kw = dict(dtype=dtype, attention_impl=attention_impl)
+  if config.video:
+    unet = animatediff_format.load_unet_motion(folder / "unet", **kw)
+  else:
+    unet = diffusers_format.load_unet(folder / "unet", **kw)
+  clip = clip_format.load_clip_vision(folder / "image_encoder", **kw)
+  mia_state = diffusers_format.read_safetensors(folder / "mia" / MIA_WEIGHTS)
+  abstract = nnx.eval_shape(lambda: build_mia(config.mia, implementation=attention_impl, dtype=dtype, rngs=nnx.Rngs(0)))
+  mia = merge_params(abstract, mia_key_map(abstract).to_flax(mia_state, f"{folder / 'mia' / 'config.json'}"))
+  model = release_format.assemble(config, clip=clip, mia=mia, unet=unet)
+  vae = diffusers_format.load_vae(folder / "vae", **kw)
+  face = folder / FACE_MODEL_FILE
+  inference = raw.get("inference", {})
+  sampler = SamplerConfig(
+    **{f.name: inference[f.name] for f in dataclasses.fields(SamplerConfig) if f.name in inference}
+  )
+  return ExportedModel(
+    model=model,
+    vae=vae,
+    face_model=load_face_model(face) if face.is_file() else None,
+    sampler=sampler,
+    resolution=inference.get("resolution", 512),
+    num_frames=inference.get("num_frames", 16 if config.video else 1),
+    ica_frames=inference.get("ica_frames", 0),
+  )
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument("--checkpoint", required=True, help="training workdir, checkpoint step folder or release folder")
+  parser.add_argument("--out", required=True, help="export folder to create (docs/export_layout.md)")
+  parser.add_argument("--no-single-file", action="store_true", help="skip the SD / AnimateDiff single files")
+  parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or not")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+  parser.add_argument("--vae", default=None, help="diffusers VAE folder (release folders hold none)")
+  parser.add_argument("--face-model", default=None, help="face model .npz / BFM .mat (default: the checkpoint's)")
+
+
+def run(args) -> int:
+  """`mimajax export`: load_inference(--checkpoint) -> export_mimaface(--out); exit code."""
+  from mimajax import checkpointing
+
+  try:
+    inf = checkpointing.load_inference(args.checkpoint, use_ema=args.ema, vae_dir=args.vae,
+                                       face_model_path=args.face_model)  # fmt: skip
+  except (CheckpointReadError, FileNotFoundError) as e:
+    print(f"cannot load {args.checkpoint}: {e}", file=sys.stderr)
+    return 2
+  try:
+    out = export_mimaface(
+      inf.model,
+      inf.vae,
+      args.out,
+      config=inf.config,
+      face_model=inf.face_model,
+      overwrite=args.overwrite,
+      single_file=not args.no_single_file,
+      resolution=inf.resolution,
+      num_frames=inf.num_frames,
+      ica_frames=inf.ica_frames,
+    )
+  except FileExistsError as e:
+    print(str(e), file=sys.stderr)
+    return 2
+  print(f"exported {args.checkpoint} to {out}")
+  return 0

@@ -1,0 +1,199 @@
+"""`mimajax export`: PyTorch loads the folder strictly, bit-exact round trips into JAX, atomic writes, the command."""
+
+import argparse
+import json
+import shutil
+import types
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import tiny
+from mimajax.convert import mimaface_export as export
+from mimajax.convert.animatediff_format import load_animatediff_checkpoint
+from mimajax.convert.sd_single_file import load_models
+from mimajax.face3d import synthetic_model
+from mimajax.parity_mimaface import build_random
+
+
+def _params(module) -> dict:
+  return {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def _assert_same_params(a, b):
+  pa, pb = _params(a), _params(b)
+  assert pa.keys() == pb.keys()
+  for path in pa:
+    np.testing.assert_array_equal(pa[path], pb[path], err_msg="/".join(map(str, path)))
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+  """The tiny stage-2 model with random weights, its VAE and face model, and its export."""
+  model, vae = build_random("tiny", stage=2, seed=0)
+  face = synthetic_model(0, resolution=8)
+  folder = export.export_mimaface(model, vae, tmp_path_factory.mktemp("video") / "export", face_model=face)
+  return types.SimpleNamespace(model=model, vae=vae, face=face, folder=folder)
+
+
+def test_export_layout_index_and_config(video):
+  files = {str(p.relative_to(video.folder)) for p in video.folder.rglob("*") if p.is_file()}
+  assert files == {
+    "model_index.json",
+    "mimaface_config.json",
+    "face_model.npz",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "image_encoder/config.json",
+    "image_encoder/model.safetensors",
+    "mia/config.json",
+    "mia/mia.safetensors",
+    "conv_in/conv_in.safetensors",
+    "scheduler/scheduler_config.json",
+    "sd_single_file/mimaface_unet_vae.safetensors",
+    "sd_single_file/mimaface_motion_modules.safetensors",
+  }
+  index = json.loads((video.folder / "model_index.json").read_text())
+  assert index["unet"] == ["diffusers", "UNetMotionModel"] and index["mia"][1] == "MotionIdentityAdapter"
+  config = json.loads((video.folder / "mimaface_config.json").read_text())
+  assert config["inference"]["ica_frames"] == 3 and config["inference"]["scheduler"] == "ddim"
+  assert export.config_from_dict(config) == video.model.config
+  assert not list(video.folder.parent.glob(".*"))  # no temporary folder left beside it
+
+
+def test_pytorch_loads_every_part_strictly(video):
+  import torch
+  from diffusers import AutoencoderKL, DDIMScheduler, UNetMotionModel
+  from safetensors.numpy import load_file
+  from transformers import CLIPVisionModel
+
+  from mimajax.pytorch import MIMAFacePipeline, MotionIdentityAdapter
+
+  f = video.folder
+  unet, info = UNetMotionModel.from_pretrained(f / "unet", output_loading_info=True, low_cpu_mem_usage=False)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+  assert unet.config.in_channels == 13
+  _, info = AutoencoderKL.from_pretrained(f / "vae", output_loading_info=True, low_cpu_mem_usage=False)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+  _, info = CLIPVisionModel.from_pretrained(f / "image_encoder", output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  scheduler = DDIMScheduler.from_pretrained(f / "scheduler")
+  assert (scheduler.config.steps_offset, scheduler.config.set_alpha_to_one) == (1, False)
+
+  pipe = MIMAFacePipeline.from_pretrained(f)  # MIA: load_state_dict(strict=True)
+  assert isinstance(pipe.mia, MotionIdentityAdapter)
+  # The zero-initialised paths carry the model's (random) weights, not fresh ones.
+  want = np.asarray(video.model.mia.motion_attn.to_out.kernel[...]).T
+  np.testing.assert_array_equal(pipe.mia.motion_attn.to_out.weight.detach().numpy(), want)
+  conv_in = load_file(str(f / "conv_in" / "conv_in.safetensors"))
+  np.testing.assert_array_equal(conv_in["conv_in.weight"], unet.conv_in.weight.detach().numpy())
+  np.testing.assert_array_equal(
+    conv_in["conv_in.weight"], np.asarray(video.model.unet.conv_in.kernel[...]).transpose(3, 2, 0, 1)
+  )
+  assert pipe.unet.dtype == torch.float32
+
+
+def test_round_trip_into_jax_is_bit_exact(video):
+  back = export.load_export(video.folder, attention_impl="xla")
+  assert back.model.config == video.model.config
+  _assert_same_params(back.model, video.model)
+  _assert_same_params(back.vae, video.vae)
+  np.testing.assert_array_equal(back.face_model.mean_shape, video.face.mean_shape)
+  assert (back.num_frames, back.ica_frames, back.sampler.num_inference_steps) == (16, 3, 25)
+
+  # The single files: the spatial U-Net + VAE with LDM keys, the motion modules as AnimateDiff writes them.
+  spatial = video.model.unet.spatial_unet()
+  unet, vae = load_models(
+    video.folder / "sd_single_file" / "mimaface_unet_vae.safetensors", spatial.config, video.vae.config
+  )
+  _assert_same_params(unet, spatial)
+  _assert_same_params(vae, video.vae)
+  motion_file = video.folder / "sd_single_file" / "mimaface_motion_modules.safetensors"
+  heads = video.model.config.motion.num_attention_heads
+  _assert_same_params(load_animatediff_checkpoint(spatial, motion_file, num_attention_heads=heads), video.model.unet)
+
+
+def test_a_folder_missing_a_weight_is_refused_by_both_readers(video, tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  from mimajax.convert.errors import CheckpointKeyError
+  from mimajax.pytorch import MIMAFacePipeline
+
+  folder = tmp_path / "export"
+  shutil.copytree(video.folder, folder)
+
+  def drop(path, key):
+    state = load_file(str(path))
+    del state[key]
+    save_file(state, str(path))
+
+  drop(folder / "mia" / "mia.safetensors", "motion_attn.to_out.bias")
+  with pytest.raises(RuntimeError, match="motion_attn.to_out.bias"):  # torch's load_state_dict(strict=True)
+    MIMAFacePipeline.from_pretrained(folder)
+  with pytest.raises(CheckpointKeyError, match="motion_attn.to_out.bias"):
+    export.load_export(folder)
+  drop(folder / "unet" / "diffusion_pytorch_model.safetensors", "conv_in.bias")
+  with pytest.raises(ValueError, match="conv_in.bias"):  # diffusers would initialise it at random and warn
+    MIMAFacePipeline.from_pretrained(folder)
+
+
+def test_stage1_export_writes_an_image_unet(tmp_path):
+  from diffusers import UNet2DConditionModel
+
+  model, vae = build_random("tiny", stage=1, seed=1)
+  folder = export.export_mimaface(model, vae, tmp_path / "export", single_file=False)
+  assert not (folder / "sd_single_file").exists() and not (folder / "face_model.npz").exists()
+  _, info = UNet2DConditionModel.from_pretrained(folder / "unet", output_loading_info=True, low_cpu_mem_usage=False)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+  back = export.load_export(folder)
+  assert not back.model.config.video and back.ica_frames == 0
+  _assert_same_params(back.model, model)
+
+
+def test_export_is_atomic_and_refuses_an_existing_folder(video, tmp_path, monkeypatch):
+  out = tmp_path / "export"
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(export.sd_single_file, "save_single_file", broken)  # fails after unet/, vae/, mia/ are written
+  with pytest.raises(RuntimeError, match="disk full"):
+    export.export_mimaface(video.model, video.vae, out)
+  assert list(tmp_path.iterdir()) == []  # neither out_dir nor a temporary folder
+
+  monkeypatch.undo()
+  out.mkdir()
+  (out / "old.txt").write_text("x")
+  with pytest.raises(FileExistsError, match="overwrite"):
+    export.export_mimaface(video.model, video.vae, out, single_file=False)
+  export.export_mimaface(video.model, video.vae, out, single_file=False, overwrite=True)
+  assert not (out / "old.txt").exists() and (out / "mia" / "mia.safetensors").is_file()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_command_loads_the_checkpoint_and_writes_the_folder(video, tmp_path, monkeypatch):
+  from mimajax import checkpointing
+
+  config = tiny.get_config("2")
+  calls = []
+
+  def load_inference(path, *, use_ema=True, vae_dir=None, face_model_path=None):
+    calls.append((path, use_ema, vae_dir))
+    return types.SimpleNamespace(model=video.model, vae=video.vae, face_model=video.face, schedule=None,
+                                 config=config, resolution=32, num_frames=4, ica_frames=1)  # fmt: skip
+
+  monkeypatch.setattr(checkpointing, "load_inference", load_inference, raising=False)
+  parser = argparse.ArgumentParser()
+  export.add_arguments(parser)
+  out = tmp_path / "export"
+  args = parser.parse_args(["--checkpoint", "runs/tiny", "--out", str(out), "--no-single-file", "--no-ema"])
+  assert export.run(args) == 0
+  assert calls == [("runs/tiny", False, None)]
+  inference = json.loads((out / "mimaface_config.json").read_text())["inference"]
+  assert (inference["resolution"], inference["num_frames"], inference["ica_frames"]) == (32, 4, 1)
+  assert inference["num_inference_steps"] == config.sample.num_inference_steps
+  assert not (out / "sd_single_file").exists() and (out / "training_config.json").is_file()
+  assert export.run(args) == 2  # exists: refused without --overwrite
