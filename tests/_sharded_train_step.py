@@ -71,7 +71,8 @@ if __name__ == "__main__":
     if not k.endswith(shift_invariant)
   }
   bank_rel = float(np.linalg.norm(bank8 - bank1) / np.linalg.norm(bank1))
-  result = {"param_rel_err": rel, "max_tensor_rel_err": max(per_tensor.values()),
+  worst = max(per_tensor, key=per_tensor.get)
+  result = {"param_rel_err": rel, "max_tensor_rel_err": per_tensor[worst], "worst_tensor": worst,
             "moments_like_params": moments_like_params}  # fmt: skip
   print(json.dumps({**result, "loss_single": loss1, "loss_sharded": loss8, "bank_rel_err": bank_rel,
                     "specs": specs}))  # fmt: skip
