@@ -189,7 +189,7 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.stage = stage  # 1: images (U-Net, CLIP, MIA); 2: clips (motion modules, W_cond)
   config.total_steps = 100_000
   config.model = model_config(size)
-  config.model.mia.variant = variant
+  config.model.mia = mia_config(size, variant)
   config.model.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch": recompute U-Net layers in backward
   # MIMAFaceConfig's objective fields (mimajax/models/mimaface.py).
   config.model.objective = ml_collections.ConfigDict(
@@ -205,6 +205,8 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.model.clip_pretrained = ""  # local transformers CLIP vision folder (ViT-L/14)
   config.model.motion_pretrained = ""  # stage 2: diffusers MotionAdapter folder or AnimateDiff .ckpt/.safetensors
   config.data = data_config(stage)
+  if variant == "release":
+    config.data.coefficient_dim = 261  # the release's MIA reads the 4 gaze columns
   config.train = train_config(stage, variant)
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
   config.log = ml_collections.ConfigDict(dict(every_steps=50, progress_bar=True))
@@ -217,4 +219,14 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.unet_axis_rules = UNET_AXIS_RULES
   config.vae_axis_rules = VAE_AXIS_RULES
   config.clip_axis_rules = CLIP_AXIS_RULES
+  return config
+
+
+def sd15_training_config(stage: int, variant: str = "paper") -> ml_collections.ConfigDict:
+  """Full-size training at 512 px: bf16 compute with fp32 master weights, cuDNN flash attention on GPUs
+  (pass --config.model.attention_impl=xla on TPUs), rematerialised U-Net layers."""
+  config = base_config("sd15", name=f"sd15_stage{stage}_{variant}", stage=stage, variant=variant)
+  config.model.update(dtype="bfloat16", attention_impl="cudnn", remat="dots_no_batch")
+  config.data.update(resolution=512, workers=8, read_threads=8)
+  config.train.learning_rate = 1e-5
   return config

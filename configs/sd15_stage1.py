@@ -17,17 +17,9 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: "release" for the release variant (its post-fuse MIA), default the paper's."""
   variant = arg or "paper"
-  config = common.base_config("sd15", name=f"sd15_stage1_{variant}", stage=1, variant=variant)
-  if variant == "release":
-    config.model.mia.update(common.mia_config("sd15", "release").to_dict())
-    config.data.coefficient_dim = 261
-  # bf16 compute with fp32 master weights; cuDNN flash attention on GPUs ("xla" on TPUs).
-  config.model.dtype = "bfloat16"
-  config.model.attention_impl = "cudnn"
-  config.model.remat = "dots_no_batch"
-  config.data.update(resolution=512, batch_size=64, workers=8, read_threads=8)
+  config = common.sd15_training_config(1, variant)
+  config.data.batch_size = 64
   config.total_steps = 60_000
-  config.train.update(learning_rate=1e-5, ema_decay=0.0)
   config.checkpoint.update(every_steps=1000, keep=3)
   config.log.update(every_steps=50)
   config.sample.update(every_steps=2500, count=4, num_inference_steps=25)

@@ -16,16 +16,9 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: "release" for the release variant (which also tunes MIA and CLIP's last two layers)."""
   variant = arg or "paper"
-  config = common.base_config("sd15", name=f"sd15_stage2_{variant}", stage=2, variant=variant)
-  if variant == "release":
-    config.model.mia.update(common.mia_config("sd15", "release").to_dict())
-    config.data.coefficient_dim = 261
-  config.model.dtype = "bfloat16"
-  config.model.attention_impl = "cudnn"
-  config.model.remat = "dots_no_batch"
-  config.data.update(resolution=512, num_frames=16, stride=1, batch_size=16, workers=8, read_threads=8)
+  config = common.sd15_training_config(2, variant)
+  config.data.update(num_frames=16, stride=1, batch_size=16)
   config.total_steps = 30_000
-  config.train.update(learning_rate=1e-5)
   config.checkpoint.update(every_steps=500, keep=3)
   config.log.update(every_steps=25)
   config.sample.update(every_steps=2500, count=2, num_inference_steps=25)
