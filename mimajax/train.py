@@ -50,7 +50,8 @@ class Run:
   frozen: dict
   frozen_shardings: Any
   vae_graphdef: Any
-  step_fn: Any
+  step_fn: Any  # (state, batch, frozen) -> (state, metrics), not yet jitted: the batch shardings come with the data
+  metrics_sharding: Any
   iterator: Any
   sampler: Any = None  # the sample writer's ClipSampler, built at the first sample step
 
@@ -159,11 +160,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tupl
     state = dataclasses.replace(state, params=model_init.init_params_from(t.init_from, state.params, config))
     state = jax.device_put(state, state_sh)
 
-  batch_sh = {k: sharding.batch_sharding(mesh, 1) for k in DEVICE_KEYS}  # ndim filled in at the first batch
-  metrics_sh = sharding.replicated(mesh)
-  run = Run(
-    config, mesh, model, state, state_sh, frozen, frozen_sh, vae_graphdef, (step, batch_sh, metrics_sh), iterator
-  )
+  run = Run(config, mesh, model, state, state_sh, frozen, frozen_sh, vae_graphdef, step, sharding.replicated(mesh),
+            iterator)  # fmt: skip
   return run, ckpt
 
 
@@ -217,7 +215,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
     jax.distributed.initialize()
   checkpointing.write_config(workdir, config)
   run, ckpt = setup(config, workdir)
-  step_fn, batch_sh, metrics_sh = run.step_fn
   state = run.state
   start = int(jax.device_get(state.step))
   total = config.total_steps
@@ -231,7 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
       batch = {k: _to_global(v, run.mesh) for k, v in host.items()}
       if compiled is None:
         shardings = {k: v.sharding for k, v in batch.items()}
-        jitted = train_step.jit_train_step(step_fn, run.state_shardings, shardings, metrics_sh, run.frozen_shardings)
+        jitted = train_step.jit_train_step(run.step_fn, run.state_shardings, shardings, run.metrics_sharding,
+                                           run.frozen_shardings)  # fmt: skip
         compiled = jitted.lower(state, batch, run.frozen).compile()
         reporter.set_flops(train_metrics.compiled_flops(compiled))
       state, metrics = compiled(state, batch, run.frozen)
@@ -259,11 +257,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
 def _to_global(x: np.ndarray, mesh) -> jax.Array:
   spec = sharding.batch_sharding(mesh, np.ndim(x))
   return jax.make_array_from_process_local_data(spec, np.asarray(x))
-
-
-def final_params(state: train_step.TrainState) -> dict[str, np.ndarray]:
-  """Host copies of every parameter, keyed by path (for comparisons and export)."""
-  return {train_step.path_string(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
 
 
 # ----------------------------------------------------------------------------- command line
