@@ -22,8 +22,6 @@ from mimajax.face3d.morphable_model import MorphableModel
 from mimajax.face3d.render import render_coefficients
 from mimajax.models.vae import AutoencoderKL
 
-RENDER_SHADINGS = ("sh", "gray", "lambert")
-
 
 def vae_scale(vae: AutoencoderKL) -> int:
   """Pixels per latent: 8 for SD's VAE (one downsampling per block but the last)."""
@@ -60,8 +58,6 @@ def decode_frames(vae: AutoencoderKL, latents: jax.Array) -> jax.Array:
 
 def render_images(face_model: MorphableModel, coeffs: jax.Array, resolution: int, shading: str = "sh") -> jax.Array:
   """Coefficients (..., D) -> I_R (..., resolution, resolution, 3) in [0, 1], black background."""
-  if shading not in RENDER_SHADINGS:
-    raise ValueError(f"render shading {shading!r} unknown; expected one of {RENDER_SHADINGS}")
   images, _ = render_coefficients(face_model, coeffs, resolution, shading=shading)
   return images
 
