@@ -8,8 +8,8 @@ import dataclasses
 
 import ml_collections
 
+from mimajax.mimaface.mia import MIAConfig
 from mimajax.models.clip_vision import CLIP_TINY, CLIP_VIT_L14
-from mimajax.models.mia import MIAConfig
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.unet_motion import MotionConfig
 from mimajax.models.vae import VAEConfig
@@ -191,7 +191,7 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.model = model_config(size)
   config.model.mia = mia_config(size, variant)
   config.model.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch": recompute U-Net layers in backward
-  # MIMAFaceConfig's objective fields (mimajax/models/mimaface.py).
+  # MIMAFaceConfig's objective fields (mimajax/mimaface/model.py).
   config.model.objective = ml_collections.ConfigDict(
     dict(
       cfg_dropout=0.1,

@@ -124,7 +124,7 @@ def placeholder_coefficients(frames: np.ndarray) -> np.ndarray:
 
 def extractor_available() -> bool:
   """Whether mediapipe's bundled models and a TFLite runtime are installed (motion extraction can run)."""
-  from data_pipeline import face_landmarks
+  from mimajax.faces import landmarks as face_landmarks
 
   try:
     face_landmarks.check_available()

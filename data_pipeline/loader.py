@@ -6,7 +6,7 @@ Pipeline (one `grain.MapDataset`, so it is deterministic for a seed and its iter
   outside it, decode those JPEGs only, flip (optional, the same for the whole clip) -> batch
   -> read threads / worker processes (`mp_prefetch`).
 
-A batch (numpy; host-local, B = batch_size) maps onto mimajax.models.mimaface's training batch:
+A batch (numpy; host-local, B = batch_size) maps onto mimajax.mimaface.model's training batch:
   frames        (B, F, H, W, 3) uint8 (or float32 in [0, 1]); the VAE turns them into `latents` on device
   source_frame  (B, H', W', 3) the same video, outside the clip; resized to CLIP's 224 it is `source`
   motion        (B, F, D) float32 3DMM coefficients of the frames (D = 257 | 261); rendered on device it

@@ -279,7 +279,7 @@ _LANDMARKER = None
 def _landmarks_job(job: tuple[str, str, ExtractOptions]) -> None:
   """Pass 1 for one clip (in a worker process or not): landmarks -> cache; none when the clip breaks it."""
   global _LANDMARKER
-  from data_pipeline.face_landmarks import FaceLandmarker
+  from mimajax.faces.landmarks import FaceLandmarker
 
   video_path, cache, options = job
   if _LANDMARKER is None:
@@ -318,7 +318,7 @@ def extract_motion(
   """
   from tqdm import tqdm
 
-  from data_pipeline.face_landmarks import check_available
+  from mimajax.faces.landmarks import check_available
 
   check_available()  # a clear error naming the install command before any work
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mimajax.convert.errors import CheckpointReadError
+from mimajax.errors import CheckpointReadError
 
 CONFIG_FILE = "config.json"
 FACE_MODEL_FILE = "face_model.npz"
@@ -258,8 +258,8 @@ def load_inference(path: str | os.PathLike, *, use_ema: bool = True, vae_dir: st
   from mimajax.diffusion import schedulers
   from mimajax.face3d.landmark_model import load_face_model
   from mimajax.face3d.synthetic import synthetic_model
-  from mimajax.models import factory
-  from mimajax.training.models import merge_flat_params
+  from mimajax.mimaface import factory as mimaface_factory
+  from mimajax.mimaface.pretrained import merge_flat_params
 
   path = Path(path)
   if not path.exists():
@@ -270,7 +270,7 @@ def load_inference(path: str | os.PathLike, *, use_ema: bool = True, vae_dir: st
   workdir = step_dir.parent.parent
   config = read_config(workdir)
   abstract = lambda build: nnx.eval_shape(build)  # noqa: E731 - shapes only; the values come from files
-  model = abstract(lambda: factory.build_mimaface(config.model, stage=config.stage, rngs=nnx.Rngs(0),
+  model = abstract(lambda: mimaface_factory.build_mimaface(config.model, stage=config.stage, rngs=nnx.Rngs(0),
                                                   **config.model.objective.to_dict()))  # fmt: skip
   merge_flat_params(model, checkpoint_params(step_dir, ema=use_ema), f"{step_dir}")
   vae = _load_vae(vae_dir or (workdir / VAE_DIR if (workdir / VAE_DIR).is_dir() else None), config)
@@ -303,9 +303,9 @@ def _load_vae(vae_dir, config):
 
 
 def _load_release_inference(path: Path, vae_dir, face_model_path) -> Inference:
-  from mimajax.convert import release_format
   from mimajax.diffusion import schedulers
   from mimajax.face3d.landmark_model import load_face_model
+  from mimajax.mimaface import release_format
 
   if vae_dir is None:
     raise CheckpointReadError(f"{path} is a release folder: pass the SD VAE folder (--vae) to decode with")

@@ -8,8 +8,8 @@ import sys
 from data_pipeline.bench import add_arguments as loader_bench_arguments
 from data_pipeline.motion_extraction import add_arguments as extract_motion_arguments
 from data_pipeline.prepare import add_arguments as prepare_arguments
-from mimajax.animate import add_arguments as animate_arguments
-from mimajax.convert.mimaface_export import add_arguments as export_arguments
+from mimajax.mimaface.animate import add_arguments as animate_arguments
+from mimajax.mimaface.export import add_arguments as export_arguments
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
 
 
@@ -121,13 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _animate(args) -> int:
-  from mimajax import animate
+  from mimajax.mimaface import animate
 
   return animate.run(args)
 
 
 def _export(args) -> int:
-  from mimajax.convert import mimaface_export
+  from mimajax.mimaface import export as mimaface_export
 
   return mimaface_export.run(args)
 

@@ -27,9 +27,9 @@ from flax import nnx
 
 from mimajax import checkpointing, sharding, train_step
 from mimajax.diffusion import schedulers
-from mimajax.memory_bank import init_memory_bank
-from mimajax.models.mimaface import MIMAFace, training_loss
-from mimajax.training import models as model_init
+from mimajax.mimaface import pretrained as model_init
+from mimajax.mimaface.memory_bank import init_memory_bank
+from mimajax.mimaface.model import MIMAFace, training_loss
 from mimajax.training import reporting as train_metrics
 
 log = logging.getLogger("mimajax.train")

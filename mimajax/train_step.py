@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mimajax.memory_bank import MemoryBank, enqueue
+from mimajax.mimaface.memory_bank import MemoryBank, enqueue
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array, MemoryBank | None], tuple[jax.Array, dict]]
 

@@ -17,15 +17,15 @@ from test_mimaface import _batch  # noqa: E402
 from configs import tiny  # noqa: E402
 from mimajax import sharding, train, train_step  # noqa: E402
 from mimajax.diffusion import schedulers  # noqa: E402
-from mimajax.memory_bank import init_memory_bank  # noqa: E402
-from mimajax.models import factory  # noqa: E402
-from mimajax.models.mimaface import training_loss  # noqa: E402
+from mimajax.mimaface import factory as mimaface_factory  # noqa: E402
+from mimajax.mimaface.memory_bank import init_memory_bank  # noqa: E402
+from mimajax.mimaface.model import training_loss  # noqa: E402
 
 
 def run(mesh_shape, devices):
   config = tiny.get_config()
   config.model.attention_impl = "xla"
-  model = factory.build_mimaface(config.model, stage=1, rngs=nnx.Rngs(0))
+  model = mimaface_factory.build_mimaface(config.model, stage=1, rngs=nnx.Rngs(0))
   mesh = sharding.make_mesh(mesh_shape, devices)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   labels = train_step.trainable_labels(params, ["^unet/", "^mia/", "^clip/"])

@@ -16,10 +16,11 @@ import pytest
 import scipy.io
 from flax import nnx
 
-from mimajax import animate, driving, video_io
+from mimajax import video_io
 from mimajax.face3d import synthetic_model
 from mimajax.face3d.coefficients import COEFFICIENT_SLICES
-from mimajax.models.mimaface import Appearance
+from mimajax.mimaface import animate, driving
+from mimajax.mimaface.model import Appearance
 
 # ffmpeg runs as a subprocess (fork + exec), which JAX's fork hook warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
@@ -183,8 +184,8 @@ def test_no_face_in_the_source():
 def test_real_model_samples_three_clips_with_one_compilation():
   from configs import tiny
   from mimajax.diffusion import schedulers
-  from mimajax.models import factory
-  from mimajax.sampling import ClipSampler, SamplerConfig
+  from mimajax.mimaface import factory as mimaface_factory
+  from mimajax.mimaface.sampling import ClipSampler, SamplerConfig
 
   cfg = tiny.get_config("2")
   m = cfg.model
@@ -193,7 +194,7 @@ def test_real_model_samples_three_clips_with_one_compilation():
   m.clip.update(num_hidden_layers=1)
   m.mia.update(adapter_layers=1)
   # Shapes only, then random values: eager initialisation would compile hundreds of small ops (tens of seconds).
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: factory.build_mimaface(m, stage=2, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: mimaface_factory.build_mimaface(m, stage=2, rngs=nnx.Rngs(0))))
   rng = np.random.default_rng(0)
   model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.05, x.shape), x.dtype), state))
   inference = _inference()  # the stand-in VAE and renderer: what is checked here is the U-Net's sampling loop
@@ -260,7 +261,7 @@ def _args(tmp_path, **kw):
 
 
 def _mediapipe_or_skip():
-  from data_pipeline import face_landmarks
+  from mimajax.faces import landmarks as face_landmarks
 
   try:
     face_landmarks.check_available()

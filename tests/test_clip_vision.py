@@ -17,7 +17,7 @@ from mimajax.convert.clip_format import (
   save_clip_vision,
   vision_state,
 )
-from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
+from mimajax.errors import CheckpointKeyError, CheckpointReadError
 from mimajax.models.clip_vision import CLIP_TINY, CLIPVisionConfig, CLIPVisionEncoder, preprocess
 
 # transformers' CLIPVisionConfig kwargs of the tiny tower (activation and eps left at their defaults)

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from mimajax.convert import diffusers_format as df
 from mimajax.convert import sd_single_file
-from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
+from mimajax.errors import CheckpointKeyError, CheckpointReadError
 from mimajax.models.unet2d import UNet2DConditionModel
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.vae import AutoencoderKL, VAEConfig

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.io
 
-from mimajax import driving
 from mimajax.face3d.coefficients import COEFFICIENT_SLICES
+from mimajax.mimaface import driving
 
 S = {name: slice(a, b) for name, (a, b) in COEFFICIENT_SLICES.items()}
 # ffmpeg runs as a subprocess (fork + exec), which JAX's fork hook warns about.
@@ -129,7 +129,7 @@ def test_missing_file_and_unknown_extension(tmp_path):
 
 
 def _mediapipe_or_skip():
-  from data_pipeline import face_landmarks
+  from mimajax.faces import landmarks as face_landmarks
 
   try:
     face_landmarks.check_available()

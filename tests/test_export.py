@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from mimajax.convert import mimaface_export as export
 from mimajax.convert.animatediff_format import load_animatediff_checkpoint
 from mimajax.convert.sd_single_file import load_models
 from mimajax.face3d import synthetic_model
-from mimajax.parity_mimaface import build_random
+from mimajax.mimaface import export
+from mimajax.parity.mimaface import build_random
 
 
 def _params(module) -> dict:
@@ -70,7 +70,7 @@ def test_pytorch_loads_every_part_strictly(video):
   from safetensors.numpy import load_file
   from transformers import CLIPVisionModel
 
-  from mimajax.pytorch import MIMAFacePipeline, MotionIdentityAdapter
+  from mimajax.mimaface.pytorch import MIMAFacePipeline, MotionIdentityAdapter
 
   f = video.folder
   unet, info = UNetMotionModel.from_pretrained(f / "unet", output_loading_info=True, low_cpu_mem_usage=False)
@@ -119,8 +119,8 @@ def test_round_trip_into_jax_is_bit_exact(video):
 def test_a_folder_missing_a_weight_is_refused_by_both_readers(video, tmp_path):
   from safetensors.numpy import load_file, save_file
 
-  from mimajax.convert.errors import CheckpointKeyError
-  from mimajax.pytorch import MIMAFacePipeline
+  from mimajax.errors import CheckpointKeyError
+  from mimajax.mimaface.pytorch import MIMAFacePipeline
 
   folder = tmp_path / "export"
   shutil.copytree(video.folder, folder)

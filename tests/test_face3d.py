@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimajax.convert.errors import CheckpointReadError
+from mimajax.errors import CheckpointReadError
 from mimajax.face3d import coefficients
 from mimajax.face3d.camera import Camera
 from mimajax.face3d.lighting import sh_color, sh_irradiance

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from conftest import rel_err
-from mimajax.models import ica
+from mimajax.mimaface import ica
 from mimajax.models.unet2d import UNet2DConditionModel
 from mimajax.models.unet_config import UNetConfig
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimajax.augment import PhotometricConfig, photometric_augment
-from mimajax.losses import diffusion_loss, identity_contrastive_loss
+from mimajax.mimaface.augment import PhotometricConfig, photometric_augment
+from mimajax.mimaface.losses import diffusion_loss, identity_contrastive_loss
 
 
 def reference_loss(anchors, positives, bank, bank_labels, bank_valid, labels, temperature=1.0, in_batch=True):

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimajax.losses import identity_contrastive_loss
-from mimajax.memory_bank import MemoryBank, enqueue, init_memory_bank
+from mimajax.mimaface.losses import identity_contrastive_loss
+from mimajax.mimaface.memory_bank import MemoryBank, enqueue, init_memory_bank
 
 
 def _tokens(labels, dim=3):
@@ -94,7 +94,7 @@ GATHER_SCRIPT = textwrap.dedent(
   """
   import jax, jax.numpy as jnp, numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from mimajax.memory_bank import enqueue, gather_for_bank, init_memory_bank
+  from mimajax.mimaface.memory_bank import enqueue, gather_for_bank, init_memory_bank
 
   assert jax.device_count() == 8, jax.devices()
   mesh = jax.make_mesh((8,), ("data",))

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from conftest import perturb_, rel_err
-from mimajax.models.mia import (
+from mimajax.mimaface.mia import (
   RELEASE_TOKEN_ORDER,
   MIAConfig,
   MotionIdentityAdapter,

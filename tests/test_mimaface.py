@@ -8,9 +8,9 @@ from flax import nnx
 
 from configs import tiny
 from mimajax.diffusion import schedulers
-from mimajax.memory_bank import enqueue, init_memory_bank
-from mimajax.models import factory
-from mimajax.models.mimaface import MIMAFaceConfig, training_loss
+from mimajax.mimaface import factory as mimaface_factory
+from mimajax.mimaface.memory_bank import enqueue, init_memory_bank
+from mimajax.mimaface.model import MIMAFaceConfig, training_loss
 
 
 def _batch(model, frames=None, b=2, seed=0):
@@ -34,7 +34,7 @@ def _model(stage=1, variant="paper", **overrides):
   model_cfg = tiny.get_config().model
   model_cfg.mia.variant = variant
   model_cfg.attention_impl = "xla"  # compiles faster than the blockwise loops; the math is the same
-  return factory.build_mimaface(model_cfg, stage=stage, rngs=nnx.Rngs(0), **overrides)
+  return mimaface_factory.build_mimaface(model_cfg, stage=stage, rngs=nnx.Rngs(0), **overrides)
 
 
 @pytest.mark.parametrize("stage,variant", [(1, "paper"), (2, "paper"), (1, "release"), (2, "release")])

@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import TINY_UNET, perturb_, rel_err
 from mimajax.convert import animatediff_format as ad
-from mimajax.convert.errors import CheckpointKeyError
+from mimajax.errors import CheckpointKeyError
 from mimajax.models.motion_module import MotionModule, sinusoidal_positions
 from mimajax.models.unet2d import UNet2DConditionModel
 from mimajax.models.unet_config import UNetConfig

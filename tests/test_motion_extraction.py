@@ -11,7 +11,7 @@ import pytest
 from data_pipeline import demo_data, face_landmarks, loader
 from data_pipeline import motion_extraction as me
 from mimajax import cli
-from mimajax.convert.errors import CheckpointReadError
+from mimajax.errors import CheckpointReadError
 from mimajax.face3d import Camera, compute_rotation, face_geometry, render_coefficients, synthetic_model
 from mimajax.face3d.camera import DEEP3D_CENTER, DEEP3D_DISTANCE, DEEP3D_FOCAL, DEEP3D_SIZE
 from mimajax.face3d.landmark_model import (

@@ -8,7 +8,7 @@ from flax import nnx
 from mimajax import cli, parity
 from mimajax.face3d import synthetic_model
 from mimajax.models.layers import Conv2D
-from mimajax.parity_mimaface import build_random
+from mimajax.parity.mimaface import build_random
 
 STAGES = ("clip", "mia", "render", "unet_step", "sampling", "decoded")
 
@@ -57,16 +57,16 @@ def test_parity_fails_when_a_jax_weight_changes_after_export(models, monkeypatch
 @pytest.mark.parametrize("variant", ["paper", "release"])
 @pytest.mark.parametrize("frames", [None, 3])
 def test_pytorch_mia_matches_jax(variant, frames):
-  """mimajax.pytorch's MIA loads our parameters by name and computes the same tokens, images and clips."""
+  """mimajax.mimaface.pytorch's MIA loads our parameters by name and computes the same tokens, images and clips."""
   import jax
   import numpy as np
   import torch
 
-  from mimajax.convert.mimaface_export import mia_key_map
-  from mimajax.models.mia import MIAConfig, build_mia
+  from mimajax.mimaface.export import mia_key_map
+  from mimajax.mimaface.mia import MIAConfig, build_mia
+  from mimajax.mimaface.pytorch import build_mia as torch_mia
   from mimajax.parity import rel_err
-  from mimajax.parity_mimaface import random_weights
-  from mimajax.pytorch import build_mia as torch_mia
+  from mimajax.parity.mimaface import random_weights
 
   cfg = MIAConfig(variant=variant, clip_dim=32, cross_attention_dim=24, num_heads=4, adapter_layers=2,
                   face_recognition_dim=50, clip_tokens=5, release_layers=2, release_heads=2)  # fmt: skip

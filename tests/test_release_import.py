@@ -8,8 +8,8 @@ from flax import nnx
 
 from conftest import TINY_UNET, perturb_
 from mimajax.convert import animatediff_format, release_format
-from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
-from mimajax.models.mia import MIAConfig, ReleaseMIA
+from mimajax.errors import CheckpointKeyError, CheckpointReadError
+from mimajax.mimaface.mia import MIAConfig, ReleaseMIA
 
 MIA = MIAConfig(
   variant="release", clip_dim=32, cross_attention_dim=32, face_recognition_dim=50, clip_tokens=17, release_layers=2

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from mimajax.mimaface import factory as mimaface_factory
 from mimajax.models import factory, remat
 
 
@@ -14,7 +15,7 @@ def _value_and_grads(policy, dtype="float32"):
   cfg = tiny.get_config("2")
   cfg.model.dtype = dtype
   cfg.model.attention_impl = "xla"
-  model = factory.build_mimaface(cfg.model, stage=2, rngs=nnx.Rngs(0))
+  model = mimaface_factory.build_mimaface(cfg.model, stage=2, rngs=nnx.Rngs(0))
   remat.set_remat(model.unet, policy)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   x = jax.random.normal(jax.random.key(1), (1, 4, 8, 8, 13))

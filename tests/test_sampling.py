@@ -7,15 +7,15 @@ import pytest
 from flax import nnx
 
 from mimajax.diffusion import schedulers
-from mimajax.models import ica
+from mimajax.mimaface import ica
+from mimajax.mimaface.mia import MIAConfig
+from mimajax.mimaface.model import MIMAFace, MIMAFaceConfig
+from mimajax.mimaface.sampling import ClipSampler, SamplerConfig
 from mimajax.models.clip_vision import CLIP_TINY
 from mimajax.models.layers import Conv2D
-from mimajax.models.mia import MIAConfig
-from mimajax.models.mimaface import MIMAFace, MIMAFaceConfig
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.unet_motion import MotionConfig
-from mimajax.parity_mimaface import random_weights
-from mimajax.sampling import ClipSampler, SamplerConfig
+from mimajax.parity.mimaface import random_weights
 
 # Smaller than configs/tiny.py so that each jitted loop compiles in seconds; every structural part is there.
 MICRO_UNET = UNetConfig(

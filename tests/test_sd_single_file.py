@@ -26,7 +26,6 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
   convert_ldm_vae_checkpoint,
 )
 
-from mimajax.convert.errors import CheckpointKeyError  # noqa: E402
 from mimajax.convert.sd_single_file import (  # noqa: E402
   LDM_UNET_PREFIX,
   LDM_VAE_PREFIX,
@@ -40,6 +39,7 @@ from mimajax.convert.sd_single_file import (  # noqa: E402
   vae_expected_shapes,
   vae_ldm_to_diffusers,
 )
+from mimajax.errors import CheckpointKeyError  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # tiny models

@@ -34,8 +34,8 @@ from mimajax.convert.diffusers_format import (
   read_state_dict,
   write_folder,
 )
-from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
 from mimajax.convert.state_dict import KeyMap, key_error, merge_params
+from mimajax.errors import CheckpointKeyError, CheckpointReadError
 from mimajax.models.motion_module import sinusoidal_positions
 from mimajax.models.unet2d import UNet2DConditionModel
 from mimajax.models.unet_config import UNetConfig

@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from mimajax.convert.diffusers_format import read_config, read_state_dict, write_folder
-from mimajax.convert.errors import CheckpointReadError
 from mimajax.convert.state_dict import KeyMap, merge_params
+from mimajax.errors import CheckpointReadError
 from mimajax.models.clip_vision import CLIP_TINY, CLIP_VIT_L14, CLIPVisionConfig, CLIPVisionEncoder
 
 VISION_PREFIX = "vision_model."

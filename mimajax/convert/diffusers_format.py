@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimajax.convert.errors import CheckpointReadError
 from mimajax.convert.state_dict import KeyMap, merge_params
+from mimajax.errors import CheckpointReadError
 from mimajax.models.unet2d import UNet2DConditionModel
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.vae import AutoencoderKL, VAEConfig

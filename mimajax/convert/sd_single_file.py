@@ -38,7 +38,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
+from mimajax.errors import CheckpointKeyError, CheckpointReadError
 from mimajax.models.unet_config import per_block_values
 
 __all__ = [

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mimajax.convert.errors import CheckpointKeyError
+from mimajax.errors import CheckpointKeyError
 
 # (flax module-path fragment, torch fragment) pairs, applied to the dotted module path.
 Renames = Sequence[tuple[str, str]]

@@ -28,7 +28,7 @@ import zlib
 import jax.numpy as jnp
 import numpy as np
 
-from mimajax.convert.errors import CheckpointReadError
+from mimajax.errors import CheckpointReadError
 from mimajax.face3d.morphable_model import EXPRESSION_DIM, MorphableModel, from_mesh, load_bfm
 
 NUM_LANDMARKS = 478  # FaceMesh with refined irises: 468 mesh points, then 468-472 and 473-477 (centre first)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimajax.convert.errors import CheckpointReadError
+from mimajax.errors import CheckpointReadError
 
 HIGHEST = jax.lax.Precision.HIGHEST
 IDENTITY_DIM, EXPRESSION_DIM, TEXTURE_DIM = 80, 64, 80

@@ -115,9 +115,9 @@ def write_samples(workdir: str | os.PathLike, step: int, run, state, host_batch:
   import imageio.v3 as iio
   from flax import nnx
 
-  from mimajax import conditioning
   from mimajax.diffusion import schedulers
-  from mimajax.sampling import ClipSampler, SamplerConfig
+  from mimajax.mimaface import conditioning
+  from mimajax.mimaface.sampling import ClipSampler, SamplerConfig
 
   config = run.config
   n = min(config.sample.count, len(host_batch["identity"]))

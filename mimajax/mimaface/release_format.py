@@ -27,11 +27,11 @@ from flax import nnx
 from mimajax.convert import animatediff_format as animatediff
 from mimajax.convert import clip_format
 from mimajax.convert.diffusers_format import read_config, read_state_dict
-from mimajax.convert.errors import CheckpointKeyError, CheckpointReadError
 from mimajax.convert.state_dict import KeyMap, merge_params
-from mimajax.models.ica import INPUT_CHANNELS
-from mimajax.models.mia import MIAConfig, ReleaseMIA
-from mimajax.models.mimaface import MIMAFace, MIMAFaceConfig
+from mimajax.errors import CheckpointKeyError, CheckpointReadError
+from mimajax.mimaface.ica import INPUT_CHANNELS
+from mimajax.mimaface.mia import MIAConfig, ReleaseMIA
+from mimajax.mimaface.model import MIMAFace, MIMAFaceConfig
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.unet_motion import UNetMotionConfig
 

@@ -1,4 +1,4 @@
-"""MIA (MIMAFace section "MIA", eq. 1) in PyTorch: the same math as `mimajax.models.mia`, for exported models.
+"""MIA (MIMAFace section "MIA", eq. 1) in PyTorch: the same math as `mimajax.mimaface.mia`, for exported models.
 
 State-dict keys are mimajax's parameter paths with "/" -> "." and the leaf named as PyTorch names it
 (`kernel` -> `weight`, transposed; `scale` -> `weight`), so `mia/mia.safetensors` of an export loads with
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimajax.face3d.coefficients import COEFFICIENT_SLICES, COEFFICIENT_WIDTHS
-from mimajax.models.mia import MIAConfig
+from mimajax.mimaface.mia import MIAConfig
 
 
 def split_coefficients(coeffs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -27,12 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimajax import augment, losses
 from mimajax.diffusion import schedulers
-from mimajax.memory_bank import MemoryBank
-from mimajax.models import ica
+from mimajax.mimaface import augment, ica, losses
+from mimajax.mimaface.memory_bank import MemoryBank
+from mimajax.mimaface.mia import MIAConfig, build_mia, drop_condition
 from mimajax.models.clip_vision import CLIP_MEAN, CLIP_STD, CLIP_VIT_L14, CLIPVisionConfig, CLIPVisionEncoder
-from mimajax.models.mia import MIAConfig, build_mia, drop_condition
 from mimajax.models.unet2d import UNet2DConditionModel
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.unet_motion import MotionConfig, UNetMotionConfig, UNetMotionModel

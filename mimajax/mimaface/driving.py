@@ -171,7 +171,7 @@ def video_face_box(frames: Iterable[np.ndarray], margin: float = FACE_MARGIN, st
 
 
 def _landmarker():
-  from data_pipeline import face_landmarks
+  from mimajax.faces import landmarks as face_landmarks
 
   try:
     face_landmarks.check_available()

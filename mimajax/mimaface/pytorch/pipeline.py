@@ -8,7 +8,7 @@ PyTorch layouts throughout: images (B, 3, [F,] H, W) in [0, 1], latents (B, 4, [
 layout), mask (B, 1, [F,] h, w), coefficients (B, [F,] 257 | 261). The U-Net input is the channel concatenation
 [noisy 4 | render latents 4 | ICA latents 4 | mask 1] (docs/export_layout.md); CFG runs [unconditional |
 conditional] in one batch with a zero appearance context for the unconditional half. The same computation as
-`mimajax.sampling.ClipSampler`; `mimajax parity --component mimaface` checks the two agree.
+`mimajax.mimaface.sampling.ClipSampler`; `mimajax parity --component mimaface` checks the two agree.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from mimajax.mimaface.mia import MIAConfig
+from mimajax.mimaface.pytorch.mia import build_mia
 from mimajax.models.clip_vision import CLIP_MEAN, CLIP_STD
-from mimajax.models.mia import MIAConfig
-from mimajax.pytorch.mia import build_mia
 
 CONFIG_FILE, MIA_WEIGHTS = "mimaface_config.json", "mia.safetensors"
 

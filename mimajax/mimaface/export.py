@@ -4,7 +4,8 @@
 motion modules for stage 2, `UNet2DConditionModel` for stage 1; 13 input channels), `vae/`, `image_encoder/`
 (transformers CLIP vision), `mia/` and `conv_in/` (safetensors with documented keys), `scheduler/`,
 `mimaface_config.json`, `model_index.json`, the face model, and `sd_single_file/` (the spatial U-Net + VAE with
-LDM keys; for stage 2 the motion modules in the original AnimateDiff layout). `mimajax.pytorch.MIMAFacePipeline`
+LDM keys; for stage 2 the motion modules in the original AnimateDiff layout).
+`mimajax.mimaface.pytorch.MIMAFacePipeline`
 runs it; `load_export` reads it back into JAX. The folder is written beside `out_dir` under a temporary name and
 renamed when complete, so a failure leaves no `out_dir`.
 
@@ -27,18 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimajax import augment
-from mimajax.convert import animatediff_format, clip_format, diffusers_format, release_format, sd_single_file
-from mimajax.convert.errors import CheckpointReadError
+from mimajax.convert import animatediff_format, clip_format, diffusers_format, sd_single_file
 from mimajax.convert.state_dict import KeyMap, merge_params
+from mimajax.errors import CheckpointReadError
 from mimajax.face3d.landmark_model import load_face_model, save_face_model
+from mimajax.mimaface import augment, release_format
+from mimajax.mimaface.mia import MIAConfig, build_mia
+from mimajax.mimaface.model import MIMAFace, MIMAFaceConfig
+from mimajax.mimaface.sampling import SamplerConfig
 from mimajax.models.clip_vision import CLIPVisionConfig
-from mimajax.models.mia import MIAConfig, build_mia
-from mimajax.models.mimaface import MIMAFace, MIMAFaceConfig
 from mimajax.models.unet_config import UNetConfig
 from mimajax.models.unet_motion import MotionConfig
 from mimajax.models.vae import AutoencoderKL
-from mimajax.sampling import SamplerConfig
 
 CONFIG_FILE, INDEX_FILE, FACE_MODEL_FILE = "mimaface_config.json", "model_index.json", "face_model.npz"
 MIA_WEIGHTS, CONV_IN_WEIGHTS = "mia.safetensors", "conv_in.safetensors"
@@ -134,7 +135,7 @@ def scheduler_config(noise_schedule: dict[str, Any], timestep_spacing: str = "le
 
 
 def mia_key_map(mia) -> KeyMap:
-  """MIA keys are its parameter paths with "/" -> "." (torch leaf names): `mimajax.pytorch.mia` loads them 1:1."""
+  """MIA keys are its parameter paths with "/" -> "." (torch leaf names); `mimajax.mimaface.pytorch.mia` loads them."""
   return KeyMap(nnx.state(mia, nnx.Param), what=f"MIA ({type(mia).__name__})")
 
 
@@ -197,7 +198,7 @@ def _write_all(model: MIMAFace, vae: AutoencoderKL, out: Path, config, face_mode
       _save_safetensors(out / SINGLE_FILE_DIR / SINGLE_FILE_MOTION, motion)
   index = {
     "_class_name": "MIMAFacePipeline",
-    "_mimajax_pipeline": "mimajax.pytorch.MIMAFacePipeline",
+    "_mimajax_pipeline": "mimajax.mimaface.pytorch.MIMAFacePipeline",
     "_diffusers_version": diffusers_format.DIFFUSERS_VERSION,
     "unet": ["diffusers", "UNetMotionModel" if video else "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
@@ -205,7 +206,10 @@ def _write_all(model: MIMAFace, vae: AutoencoderKL, out: Path, config, face_mode
       "transformers",
       "CLIPVisionModelWithProjection" if model.clip.with_projection else "CLIPVisionModel",
     ],
-    "mia": ["mimajax.pytorch", "MotionIdentityAdapter" if model.config.mia.variant == "paper" else "ReleaseMIA"],
+    "mia": [
+      "mimajax.mimaface.pytorch",
+      "MotionIdentityAdapter" if model.config.mia.variant == "paper" else "ReleaseMIA",
+    ],
     "scheduler": ["diffusers", "DDIMScheduler"],
   }
   (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -7,7 +7,7 @@ clip, fixed over the denoising steps as in the paper; zeros for the first clip).
 
 Classifier-free guidance runs the conditional and the unconditional branch in one batch of 2B (unconditional
 first, as diffusers' pipelines order it); the unconditional context is zeros, which is how training drops the
-condition (`mimajax.models.mia.drop_condition`): eps = eps_u + w (eps_c - eps_u). w = 1 skips the second half.
+condition (`mimajax.mimaface.mia.drop_condition`): eps = eps_u + w (eps_c - eps_u). w = 1 skips the second half.
 
 The whole loop is one `jax.jit` program taking the model's state as an argument: the model is split once, so a
 long video sampled clip by clip compiles once per input shapes (`ClipSampler.compilations` counts the traces).
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimajax.diffusion import schedulers
-from mimajax.models import ica
-from mimajax.models.mimaface import MIMAFace
+from mimajax.mimaface import ica
+from mimajax.mimaface.model import MIMAFace
 
 SCHEDULERS = ("ddim", "euler")
 

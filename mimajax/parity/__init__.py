@@ -163,7 +163,7 @@ def motion_parity(size: str = "tiny", pretrained: str | None = None, seed: int =
 
 def mimaface_parity(size: str = "tiny", pretrained: str | None = None, seed: int = 0, log=print, **kw) -> float:
   """The whole stage-2 MIMAFace (CLIP, MIA, renders, a U-Net step, DDIM + CFG + ICA, decoded frames) vs its export."""
-  from mimajax import parity_mimaface
+  from mimajax.parity import mimaface as parity_mimaface
 
   return parity_mimaface.mimaface_parity(size=size, pretrained=pretrained, seed=seed, log=log, **kw)
 

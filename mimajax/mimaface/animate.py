@@ -1,8 +1,8 @@
 """`mimajax animate` (MIMAFace inference): a portrait driven by a video, a coefficient file (audio) or edits.
 
   source portrait -> Haar face box (as `prepare --crop detect`) -> square crop at the model's resolution
-  driver -> 3DMM rows (mimajax.driving) -> blended with the source's own coefficients (the release's blend)
-  rows -> I_R render latents (mimajax.conditioning); source + rows -> MIA appearance context, per clip
+  driver -> 3DMM rows (mimajax.mimaface.driving) -> blended with the source's own coefficients (the release's blend)
+  rows -> I_R render latents (mimajax.mimaface.conditioning); source + rows -> MIA appearance context, per clip
   clip by clip (ClipSampler: DDIM/Euler with CFG): clip 1 unconditioned, every later clip starts k frames before
   the previous one ends and conditions on its last k latents (ICA, eq. 3-4; the release's prev_frame_num = 3)
   kept latents -> VAE decoding in fixed-size batches -> frames -> H.264 mp4, written batch by batch
@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimajax import conditioning, driving, video_io
-from mimajax.models import ica
-from mimajax.sampling import SCHEDULERS, ClipSampler, SamplerConfig
+from mimajax import video_io
+from mimajax.mimaface import conditioning, driving, ica
+from mimajax.mimaface.sampling import SCHEDULERS, ClipSampler, SamplerConfig
 
 IMAGE_BATCH = 8  # frames per batch for a stage-1 (image) model
 DEFAULT_EDIT_FRAMES = 50  # 2 s at 25 fps

@@ -17,12 +17,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mimajax.convert.errors import CheckpointReadError
+from mimajax.errors import CheckpointReadError
 from mimajax.face3d.landmark_model import load_face_model, save_face_model
 from mimajax.face3d.morphable_model import MorphableModel
 from mimajax.face3d.synthetic import synthetic_model
+from mimajax.mimaface import factory as mimaface_factory
+from mimajax.mimaface.model import MIMAFace
 from mimajax.models import factory, remat
-from mimajax.models.mimaface import MIMAFace
 from mimajax.models.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, Autoencod
   """The trainable MIMAFace of config.stage and the frozen VAE, with any configured pretrained weights."""
   m = config.model
   rngs = nnx.Rngs(config.seed)
-  model = factory.build_mimaface(m, stage=config.stage, rngs=rngs, **m.objective.to_dict())
+  model = mimaface_factory.build_mimaface(m, stage=config.stage, rngs=rngs, **m.objective.to_dict())
   if m.pretrained:
     vae = _load_sd(model, m)
   else:
@@ -90,7 +91,7 @@ def _update_checked(target: nnx.Module, state: nnx.State, where: str) -> None:
 
 def _load_sd(model: MIMAFace, m: ml_collections.ConfigDict) -> AutoencoderKL:
   from mimajax.convert import diffusers_format
-  from mimajax.models import ica
+  from mimajax.mimaface import ica
 
   kw = dict(dtype=factory.compute_dtype(m.dtype), attention_impl=m.attention_impl)
   root = Path(m.pretrained)

@@ -1,8 +1,8 @@
 """End-to-end parity of MIMAFace (stage 2): JAX against its PyTorch export, stage by stage.
 
 `mimajax parity --component mimaface --size tiny` builds the stage-2 model (CLIP, MIA, motion U-Net), a VAE and
-a synthetic face model with random weights, exports them (`mimajax.convert.mimaface_export`), loads the folder
-with `mimajax.pytorch.MIMAFacePipeline`, and runs both on the same source portrait, driving coefficients,
+a synthetic face model with random weights, exports them (`mimajax.mimaface.export`), loads the folder
+with `mimajax.mimaface.pytorch.MIMAFacePipeline`, and runs both on the same source portrait, driving coefficients,
 initial noise and ICA conditioning. Printed, each as ||jax - torch|| / ||torch||:
 
   clip         CLIP hidden states and e_id of the source
@@ -32,15 +32,16 @@ import numpy as np
 from flax import nnx
 
 from configs import common
-from mimajax import conditioning
 from mimajax.convert.state_dict import merge_params
 from mimajax.diffusion import schedulers
 from mimajax.face3d.morphable_model import MorphableModel
+from mimajax.mimaface import conditioning
+from mimajax.mimaface import factory as mimaface_factory
+from mimajax.mimaface.model import MIMAFace, normalize_for_clip
+from mimajax.mimaface.sampling import ClipSampler, SamplerConfig
 from mimajax.models import factory
-from mimajax.models.mimaface import MIMAFace, normalize_for_clip
 from mimajax.models.vae import AutoencoderKL
 from mimajax.parity import PARITY_TOLERANCE, rel_err
-from mimajax.sampling import ClipSampler, SamplerConfig
 
 # (frames, frame pixels) per size: tiny's VAE downsamples by 2 (16x16 latents, the tiny U-Net's sample_size);
 # sd15's by 8, and 32x32 latents keep a PyTorch run on CPU usable.
@@ -73,7 +74,7 @@ def build_random(size: str = "tiny", *, stage: int = 2, variant: str = "paper", 
   model_cfg = common.model_config(size)
   model_cfg.mia.variant = variant
   impl = attention_impl or ("xla" if size == "tiny" else model_cfg.attention_impl)
-  config = factory.mimaface_config(model_cfg, stage=stage)
+  config = mimaface_factory.mimaface_config(model_cfg, stage=stage)
   model = random_weights(nnx.eval_shape(lambda: MIMAFace(config, attention_impl=impl, rngs=nnx.Rngs(0))), seed)
   vae_cfg = factory.vae_config(model_cfg)
   vae = random_weights(nnx.eval_shape(lambda: AutoencoderKL(vae_cfg, attention_impl=impl, rngs=nnx.Rngs(0))), seed + 1)
@@ -147,9 +148,9 @@ def mimaface_parity(
   """
   import torch
 
-  from mimajax.convert.mimaface_export import export_mimaface
   from mimajax.face3d import synthetic_model
-  from mimajax.pytorch import MIMAFacePipeline
+  from mimajax.mimaface.export import export_mimaface
+  from mimajax.mimaface.pytorch import MIMAFacePipeline
 
   if size not in GEOMETRY:
     raise ValueError(f"mimaface parity size {size!r} unknown; expected one of {sorted(GEOMETRY)}")
