@@ -90,3 +90,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """This host's slice of the batch (numpy, leading axis = its share) -> global arrays split over `BATCH_AXES`.
+
+  The one place a host batch becomes device arrays: every host passes its own rows
+  (`jax.make_array_from_process_local_data`), so no host ever holds the global batch.
+  """
+  return {
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v)) for k, v in batch.items()
+  }
