@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline import prepare
+from data_pipeline import clip_files, prepare
 
 log = logging.getLogger(__name__)
 NUM_LFW_FACES = 6
@@ -148,7 +148,7 @@ def write_demo_videos(folder: str | os.PathLike, placeholders: bool = True) -> l
     else:
       write_mp4(path, animate(image))
     if placeholders:
-      frames = prepare.read_video(str(path))  # as prepare will decode them, so the row count matches
+      frames = clip_files.read_video(str(path))  # as prepare will decode them, so the row count matches
       np.save(path.with_suffix(".npy"), placeholder_coefficients(frames))
   return sorted(clips)
 

@@ -3,7 +3,7 @@
 Pipeline (one `grain.MapDataset`, so it is deterministic for a seed and its iterator state is exact):
   ArrayRecord shards -> records long enough for the clip -> this host's slice [process_index::process_count]
   -> shuffle (reshuffled every epoch) -> repeat -> sample a clip (F frames, stride) and a source frame
-  outside it, decode those JPEGs only, flip (optional, the same for the whole clip) -> batch
+  outside it (`RandomClip`), decode those JPEGs only, flip (optional, the same for the whole clip) -> batch
   -> read threads / worker processes (`mp_prefetch`).
 
 A batch (numpy; host-local, B = batch_size) maps onto mimajax.mimaface.model's training batch:
@@ -16,6 +16,10 @@ A batch (numpy; host-local, B = batch_size) maps onto mimajax.mimaface.model's t
   frame_indices (B, F) int32, source_index (B,) int32: frame numbers in the video
   record_index  (B,) int32 the record's index in the dataset; flipped (B,) bool
 Image mode (stage 1) is num_frames=1: the F axis is dropped (frames (B, H, W, 3), motion (B, D)).
+Every host's batch becomes global device arrays with `mimajax.sharding.to_global(batch, mesh)`.
+
+Imports: records and the shared library only. A TFDS source is read with `records.from_tfds_example`, never
+through the builder (voxceleb2_mima) or any other part of the preparation job.
 """
 
 from __future__ import annotations
@@ -30,16 +34,16 @@ import grain
 import numpy as np
 
 from data_pipeline import records
-from data_pipeline.motion_extraction import GAZE_MIRROR_COLUMNS
 from mimajax.face3d.coefficients import COEFFICIENT_SLICES
+from mimajax.faces.motion_fit import GAZE_MIRROR_COLUMNS
 
 
 def _mirror_sign_columns() -> np.ndarray:
   """Columns whose sign flips under a horizontal mirror (x -> -x in camera space), from the coefficient layout.
 
   Deep3DFaceRecon's yaw and roll angles, x translation, the x-odd spherical-harmonic bands (x, xy, xz) of each
-  colour, and of the gaze the columns that motion_extraction's layout makes odd (mean horizontal iris offset, the
-  eyes' vertical difference; the eyes swap places, so the rest is even).
+  colour, and of the gaze the columns that motion_fit's layout makes odd (mean horizontal iris offset, the eyes'
+  vertical difference; the eyes swap places, so the rest is even).
   """
   a, _ = COEFFICIENT_SLICES["angle"]
   g, _ = COEFFICIENT_SLICES["gamma"]
@@ -77,10 +81,10 @@ class LoaderConfig:
 
 
 def mirror_coefficients(coeffs: np.ndarray) -> np.ndarray:
-  """Coefficients of the horizontally mirrored face: pose, lighting and (motion_extraction's) gaze exactly.
+  """Coefficients of the horizontally mirrored face: pose, lighting and (mimajax.faces.motion_fit's) gaze exactly.
 
   Identity, expression and texture are left as they are (neither the BFM's nor the landmark model's PCA bases have
-  a per-component mirror; asymmetric expressions stay unmirrored). Gaze follows motion_extraction's layout; the
+  a per-component mirror; asymmetric expressions stay unmirrored). Gaze follows motion_fit's layout; the
   release's own gaze layout is not documented, so for its 261-column rows the gaze flip is a guess.
   """
   out = np.array(coeffs, np.float32, copy=True)
@@ -143,7 +147,7 @@ class RecordSource(grain.sources.RandomAccessDataSource):
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipSampler:
+class RandomClip:
   """(record index, record) + rng -> one sample: a clip, a source frame outside it, coefficients."""
 
   config: LoaderConfig
@@ -189,9 +193,7 @@ class ClipSampler:
 
 
 def _tfds_record(index: int, example: dict) -> tuple[int, records.Record]:
-  from data_pipeline import voxceleb2_mima
-
-  return index, voxceleb2_mima.to_record(example)
+  return index, records.from_tfds_example(example)
 
 
 def _select_dim(coeffs: np.ndarray, dim: int | None, video_id: str) -> np.ndarray:
@@ -240,7 +242,7 @@ def dataset(data, config: LoaderConfig = LoaderConfig(), *, process_index: int |
   if config.shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(config.num_epochs)
-  ds = ds.random_map(ClipSampler(config), seed=seed)
+  ds = ds.random_map(RandomClip(config), seed=seed)
   return ds.batch(config.batch_size, drop_remainder=config.drop_remainder)
 
 
@@ -265,11 +267,3 @@ def make_iterator(data, config: LoaderConfig = LoaderConfig(), *, process_index:
       grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch_batches)
     )
   return iter(it_ds)
-
-
-def to_global(batch: dict[str, np.ndarray], mesh, spec) -> dict[str, Any]:
-  """Host-local batch -> global jax.Arrays sharded along the batch axis by `spec` (a PartitionSpec) on `mesh`."""
-  import jax
-
-  sharding = jax.sharding.NamedSharding(mesh, spec)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

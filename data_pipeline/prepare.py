@@ -3,8 +3,10 @@
 Input: `INPUT/<speaker>/<video>/<clip>.mp4` (VoxCeleb2: `id00012/21Uxsk56VDQ/00001.mp4`) and, per clip, a
 coefficient file `<clip>.npy` or Deep3DFaceRecon `<clip>.mat` (key `coeff`) with one row per frame and
 257 columns (261 with the release's gaze), found under `--coefficients` (same relative path) or beside
-the video; `--extract-motion` first writes MediaPipe-derived ones for clips without any (motion_extraction.py,
-which also puts its landmark 3DMM `face_model.npz` into the output). Output:
+the video (clip_files.py finds them; mimajax.face3d.coefficient_files reads them); `--extract-motion` first writes
+MediaPipe-derived ones for clips without any (motion_extraction.py, which also puts its landmark 3DMM
+`face_model.npz` into the output). Frames are the centre square or, with `--crop detect`, the clip's Haar face box
+(mimajax.faces.detection, the crop `mimajax animate` makes too), resized. Output:
 `records-KKKKK-of-NNNNN.array_record` shards of `records.Record`s (segments of up to `frames_per_record`
 consecutive frames), a `.json` beside each shard with its counts, and
 `manifest.json` (options, identity vocabulary, shard list, counts, every skipped clip and why).
@@ -29,15 +31,16 @@ import os
 import queue as queue_lib
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from data_pipeline import records
+from data_pipeline import clip_files, records
+from mimajax.face3d import coefficient_files
+from mimajax.faces import detection
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 SKIP_REASONS = (
   "missing_coefficients",  # no <clip>.npy / .mat found
   "unreadable_coefficients",  # the file exists but cannot be loaded (or a .mat without `coeff`)
@@ -72,7 +75,7 @@ class PrepareOptions:
   image_format: str = "jpeg"  # or "png" (lossless, larger)
   quality: int = 90  # JPEG quality
   crop: str = "center"  # "center": centre square (VoxCeleb2 clips are face tracks); "detect": Haar face box
-  face_margin: float = 1.8  # crop side / detected face side (crop="detect")
+  face_margin: float = detection.FACE_MARGIN  # crop side / detected face side (crop="detect")
   min_frames: int = 2  # a source frame and a target frame
   coefficient_dim: int | None = None  # None accepts 257 and 261
 
@@ -87,155 +90,24 @@ class PrepareOptions:
       raise ValueError(f"resolution, frames_per_record, shard_size and min_frames must be >= 1: {self}")
 
 
-@dataclasses.dataclass(frozen=True)
-class VideoEntry:
-  video_id: str  # relative path without extension: "<speaker>/<video>/<clip>"
-  speaker: str
-  video_path: str
-  coefficient_path: str | None  # None: none found (the clip is skipped as missing_coefficients)
+# --------------------------------------------------------------------------- one clip
+
+COEFFICIENT_SKIP_REASONS = {  # coefficient_files.CoefficientError.reason -> SKIP_REASONS
+  "unreadable": "unreadable_coefficients",
+  "shape": "bad_coefficient_shape",
+  "non_finite": "nan_coefficients",
+}
 
 
-# --------------------------------------------------------------------------- discovery and input
-
-
-def discover_videos(
-  input_dir: str | os.PathLike, coefficients_dir: str | os.PathLike | None = None
-) -> list[VideoEntry]:
-  """Every `<speaker>/<video>/<clip>.<ext>` under input_dir, sorted by video_id."""
-  root = Path(input_dir)
-  if not root.is_dir():
-    raise ValueError(f"--input {root} is not a folder; expected <speaker>/<video>/<clip>.mp4 inside it")
-  entries = []
-  for path in sorted(root.glob("*/*/*")):
-    if path.suffix.lower() not in VIDEO_EXTENSIONS:
-      continue
-    rel = path.relative_to(root).with_suffix("")
-    video_id = rel.as_posix()
-    candidates = [Path(coefficients_dir) / rel] if coefficients_dir else []
-    candidates.append(path.with_suffix(""))
-    coeff = next((str(c) + ext for c in candidates for ext in (".npy", ".mat") if Path(str(c) + ext).exists()), None)
-    entries.append(VideoEntry(video_id, rel.parts[0], str(path), coeff))
-  return entries
-
-
-def load_coefficients(path: str | None, dim: int | None = None) -> np.ndarray:
+def _clip_coefficients(path: str | None, dim: int | None) -> np.ndarray:
   """(frames, 257 | 261) float32 from `.npy` or a Deep3DFaceRecon `.mat` (`coeff`); SkipVideo if unusable."""
   if path is None:
     raise SkipVideo("missing_coefficients", "no <clip>.npy or <clip>.mat beside the video or under --coefficients")
   try:
-    if path.endswith(".mat"):
-      import scipy.io
-
-      mat = scipy.io.loadmat(path)
-      if "coeff" not in mat:
-        raise SkipVideo("unreadable_coefficients", f"{path} has no 'coeff' (keys {sorted(mat)})")
-      coeffs = mat["coeff"]
-    else:
-      coeffs = np.load(path, allow_pickle=False)
-    coeffs = np.asarray(coeffs, np.float32)
-  except SkipVideo:
-    raise
-  except Exception as e:  # noqa: BLE001  (any loader error means the same thing: unusable file)
-    raise SkipVideo("unreadable_coefficients", f"{path}: {type(e).__name__}: {e}") from None
-  allowed = (dim,) if dim else records.COEFFICIENT_DIMS
-  if coeffs.ndim != 2 or coeffs.shape[1] not in allowed:
-    raise SkipVideo(
-      "bad_coefficient_shape", f"{path} has shape {coeffs.shape}; expected (frames, {' | '.join(map(str, allowed))})"
-    )
-  if not np.isfinite(coeffs).all():
-    rows = np.unique(np.nonzero(~np.isfinite(coeffs))[0])
-    raise SkipVideo("nan_coefficients", f"{path}: non-finite values in {len(rows)} rows (first: {rows[:5].tolist()})")
+    coeffs, _ = coefficient_files.read_coefficients(path, width=dim, training_rows=True)
+  except coefficient_files.CoefficientError as e:
+    raise SkipVideo(COEFFICIENT_SKIP_REASONS[e.reason], str(e)) from None
   return coeffs
-
-
-def read_frames(path: str, step: int = 1) -> Iterator[tuple[int, np.ndarray]]:
-  """(index, (H, W, 3) uint8 RGB) of every step-th frame, streamed (long videos never sit in memory)."""
-  import cv2
-
-  cap = cv2.VideoCapture(path)
-  try:
-    if not cap.isOpened():
-      return
-    index = 0
-    while True:
-      if index % step:
-        if not cap.grab():
-          return
-      else:
-        ok, bgr = cap.read()
-        if not ok or bgr is None:
-          return
-        yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-      index += 1
-  finally:
-    cap.release()
-
-
-def read_video(path: str) -> np.ndarray:
-  """All frames (N, H, W, 3) uint8 RGB, as `prepare` decodes them (for tests and small clips)."""
-  frames = [f for _, f in read_frames(path)]
-  return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
-
-
-_CASCADE = None
-
-
-def largest_face(rgb: np.ndarray) -> tuple[float, float, float] | None:
-  """(centre x, centre y, side) of the largest Haar face in an RGB image (the speaker); None if there is none."""
-  import cv2
-
-  global _CASCADE
-  if _CASCADE is None:
-    _CASCADE = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml"))
-  gray = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
-  side = max(16, min(gray.shape) // 8)
-  faces = _CASCADE.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(side, side))
-  if not len(faces):
-    return None
-  x, y, w, h = max(faces, key=lambda f: f[2] * f[3])
-  return x + w / 2, y + h / 2, max(w, h)
-
-
-def face_box(frames: Iterable[np.ndarray], margin: float, max_detections: int = 16) -> tuple[int, int, int] | None:
-  """One square crop (x0, y0, side) for all `frames`: the median of their Haar face boxes, enlarged by margin."""
-  boxes = []
-  for rgb in frames:
-    face = largest_face(rgb)
-    if face is not None:
-      boxes.append(face)
-      if len(boxes) >= max_detections:
-        break
-  if not boxes:
-    return None
-  cx, cy, s = np.median(np.asarray(boxes), axis=0)  # a fixed crop: no jitter between frames
-  side = int(round(s * margin))
-  return int(round(cx - side / 2)), int(round(cy - side / 2)), side
-
-
-def detect_face_box(path: str, margin: float, step: int = 5, max_detections: int = 16) -> tuple[int, int, int] | None:
-  """One square crop for the whole clip at `path` (faces looked for in every step-th frame)."""
-  return face_box((rgb for _, rgb in read_frames(path, step)), margin, max_detections)
-
-
-def crop_and_resize(rgb: np.ndarray, box: tuple[int, int, int] | None, resolution: int) -> np.ndarray:
-  """Square crop (box, or the centre square), edge-padded where it leaves the frame, resized to resolution."""
-  import cv2
-
-  h, w = rgb.shape[:2]
-  if box is None:
-    s = min(h, w)
-    box = ((w - s) // 2, (h - s) // 2, s)
-  x0, y0, s = box
-  pad = max(0, -x0, -y0, x0 + s - w, y0 + s - h)
-  if pad:
-    rgb = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-    x0, y0 = x0 + pad, y0 + pad
-  crop = rgb[y0 : y0 + s, x0 : x0 + s]
-  if s != resolution:
-    crop = cv2.resize(
-      crop, (resolution, resolution), interpolation=cv2.INTER_AREA if s > resolution else cv2.INTER_CUBIC
-    )
-  return np.ascontiguousarray(crop)
 
 
 def segment_bounds(num_frames: int, frames_per_record: int) -> list[tuple[int, int]]:
@@ -245,18 +117,20 @@ def segment_bounds(num_frames: int, frames_per_record: int) -> list[tuple[int, i
   return list(zip(edges[:-1], edges[1:]))
 
 
-def process_video(entry: VideoEntry, identity: int, options: PrepareOptions) -> list[records.Record]:
+def process_video(entry: clip_files.VideoEntry, identity: int, options: PrepareOptions) -> list[records.Record]:
   """One clip -> its records; SkipVideo(reason, message) if it is unusable."""
-  coeffs = load_coefficients(entry.coefficient_path, options.coefficient_dim)
+  coeffs = _clip_coefficients(entry.coefficient_path, options.coefficient_dim)
   box = None
   if options.crop == "detect":
-    box = detect_face_box(entry.video_path, options.face_margin)
+    box = clip_files.clip_face_box(entry.video_path, options.face_margin)
   frames = []
-  for _, rgb in read_frames(entry.video_path):
+  for _, rgb in clip_files.read_frames(entry.video_path):
     if options.crop == "detect" and box is None:
       raise SkipVideo("no_face", f"{entry.video_path}: the Haar cascade found no face in the sampled frames")
     frames.append(
-      records.encode_frame(crop_and_resize(rgb, box, options.resolution), options.image_format, options.quality)
+      records.encode_frame(
+        detection.crop_and_resize(rgb, box, options.resolution), options.image_format, options.quality
+      )
     )
   if not frames:
     raise SkipVideo("unreadable_video", f"{entry.video_path}: no frame could be decoded")
@@ -280,7 +154,7 @@ def process_video(entry: VideoEntry, identity: int, options: PrepareOptions) -> 
 class ShardTask:
   index: int
   path: str  # final .array_record path
-  entries: tuple[VideoEntry, ...]
+  entries: tuple[clip_files.VideoEntry, ...]
   identities: tuple[int, ...]
   options: PrepareOptions
 
@@ -346,7 +220,7 @@ def write_shard(task: ShardTask, on_video: Callable[[], None] | None = None) -> 
   return stats
 
 
-def _plan_digest(entries: list[VideoEntry], options: PrepareOptions) -> dict:
+def _plan_digest(entries: list[clip_files.VideoEntry], options: PrepareOptions) -> dict:
   digest = hashlib.sha256("\n".join(e.video_id for e in entries).encode()).hexdigest()
   return dict(version=1, options=dataclasses.asdict(options), videos=len(entries), video_ids_sha256=digest)
 
@@ -371,7 +245,7 @@ def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     face_model = summary["face_model"]
     if coefficients_source == "provided":
       coefficients_source = "provided+mediapipe" if summary["provided"] else "mediapipe"
-  entries = discover_videos(input_dir, coefficients_dir)
+  entries = clip_files.discover_videos(input_dir, coefficients_dir)
   if not entries:
     raise ValueError(f"no videos under {input_dir}; expected <speaker>/<video>/<clip>.mp4 (VoxCeleb2 layout)")
   out = Path(output_dir)

@@ -9,6 +9,10 @@ Binary layout (little-endian, no dependency beyond numpy):
   b"MIMAREC1" | uint32 header length | header (UTF-8 JSON) | coefficients float32 (n, d) | frame bytes
 The header holds video_id, speaker, identity, frame_indices, the byte length of each frame, the
 coefficient dim, the image format ("jpeg", or lossless "png") and the frame size.
+
+The TFDS builder (voxceleb2_mima.py) stores the same Record as a TFDS example (`to_tfds_example`); the loader
+reads those back with `from_tfds_example`, so reading a TFDS source needs this module only, not the builder (which
+imports the preparation job) nor tensorflow_datasets.
 """
 
 from __future__ import annotations
@@ -168,3 +172,28 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
       return struct.unpack_from(">HH", data, i + 5)
     i += 2 + length
   return None
+
+
+def to_tfds_example(rec: Record) -> dict:
+  """Record -> the voxceleb2_mima builder's TFDS example (frames stay encoded JPEG bytes)."""
+  return dict(video_id=rec.video_id, speaker=rec.speaker, identity=rec.identity, frame_indices=rec.frame_indices,
+              coefficients=rec.coefficients, frames=list(rec.frames))  # fmt: skip
+
+
+def from_tfds_example(example: dict) -> Record:
+  """A TFDS example (as tfds.data_source returns it) -> Record."""
+  frames = [bytes(f) for f in example["frames"]]
+  size = jpeg_size(frames[0]) if frames else None
+  if size is None:
+    raise ValueError(f"{example['video_id']!r}: expected JPEG frames")
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  return Record(
+    video_id=text(example["video_id"]),
+    speaker=text(example["speaker"]),
+    identity=int(example["identity"]),
+    frame_indices=np.asarray(example["frame_indices"], np.int32),
+    coefficients=np.asarray(example["coefficients"], np.float32),
+    frames=frames,
+    height=size[0],
+    width=size[1],
+  )

@@ -1,7 +1,9 @@
 """TFDS builder `voxceleb2_mima`: a manually downloaded VoxCeleb2 (+ 3DMM coefficients) as array_record.
 
-A thin wrapper over prepare.py: the same discovery, coefficient checks, cropping and segmentation, so
-one example is one `records.Record` (a segment of up to frames_per_record frames of one clip).
+A thin wrapper over prepare.py: the same discovery (clip_files.py), coefficient checks, cropping and segmentation, so
+one example is one `records.Record` (a segment of up to frames_per_record frames of one clip), stored with
+`records.to_tfds_example` and read back with `records.from_tfds_example` (all the Grain loader needs: reading a
+source does not import this builder or the preparation job).
 
 Manual download folder (`manual_dir`): either `dev/` and/or `test/` (VoxCeleb2's archives unpacked;
 an inner `mp4/` is looked through) giving the train and test splits, or the layout
@@ -12,6 +14,7 @@ an inner `mp4/` is looked through) giving the train and test splits, or the layo
   from data_pipeline import voxceleb2_mima  # registers the builder
   source = voxceleb2_mima.data_source(data_dir, split="train", manual_dir=folder)
   loader.make_iterator(source, loader.LoaderConfig(...))  # the Grain loader takes it like shards
+  records.from_tfds_example(source[0])  # one example as a records.Record
 
 Clips that cannot be used are skipped with a logged reason (as in `mimajax prepare`).
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipeline import prepare, records
+from data_pipeline import clip_files, prepare, records
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,7 @@ class Voxceleb2Mima(tfds.core.GeneratorBasedBuilder):
     entries = {}
     for name, folder in splits.items():
       coeffs = coeff_root / folder.relative_to(root) if coeff_root.is_dir() else None
-      entries[name] = prepare.discover_videos(folder, coeffs)
+      entries[name] = clip_files.discover_videos(folder, coeffs)
     identities = sorted({e.speaker for es in entries.values() for e in es})
     self.info.metadata["identities"] = identities
     vocab = {s: i for i, s in enumerate(identities)}
@@ -106,31 +109,7 @@ class Voxceleb2Mima(tfds.core.GeneratorBasedBuilder):
         log.warning("skipped %s: %s", entry.video_id, e)
         continue
       for rec in recs:
-        yield f"{rec.video_id}:{int(rec.frame_indices[0])}", from_record(rec)
-
-
-def from_record(rec: records.Record) -> dict:
-  return dict(video_id=rec.video_id, speaker=rec.speaker, identity=rec.identity, frame_indices=rec.frame_indices,
-              coefficients=rec.coefficients, frames=list(rec.frames))  # fmt: skip
-
-
-def to_record(example: dict) -> records.Record:
-  """A TFDS example (as tfds.data_source returns it) -> records.Record."""
-  frames = [bytes(f) for f in example["frames"]]
-  size = records.jpeg_size(frames[0]) if frames else None
-  if size is None:
-    raise ValueError(f"{example['video_id']!r}: expected JPEG frames")
-  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
-  return records.Record(
-    video_id=text(example["video_id"]),
-    speaker=text(example["speaker"]),
-    identity=int(example["identity"]),
-    frame_indices=np.asarray(example["frame_indices"], np.int32),
-    coefficients=np.asarray(example["coefficients"], np.float32),
-    frames=frames,
-    height=size[0],
-    width=size[1],
-  )
+        yield f"{rec.video_id}:{int(rec.frame_indices[0])}", records.to_tfds_example(rec)
 
 
 def data_source(data_dir: str | os.PathLike, *, split: str = "train", config: str = "512",

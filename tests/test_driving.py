@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.io
 
+from mimajax.face3d import coefficient_files
 from mimajax.face3d.coefficients import COEFFICIENT_SLICES
 from mimajax.mimaface import driving
 
@@ -38,23 +39,23 @@ def test_npy_single_row_becomes_one_frame(tmp_path):
 def test_deep3dfacerecon_mat_coeff(tmp_path):
   rows = _rows(4, 257)
   scipy.io.savemat(tmp_path / "d.mat", {"coeff": rows, "lm_68p": np.zeros((68, 2))})
-  np.testing.assert_array_equal(driving.load_coefficients(tmp_path / "d.mat")[0], rows)
+  np.testing.assert_array_equal(coefficient_files.read_coefficients(tmp_path / "d.mat")[0], rows)
 
 
 def test_deep3dfacerecon_pytorch_groups_are_joined_in_layout_order(tmp_path):
   rows = _rows(3, 261)
-  groups = {k: rows[:, S[name]] for k, name in driving.D3DFR_PYTORCH_KEYS.items()}
+  groups = {k: rows[:, S[name]] for k, name in coefficient_files.D3DFR_PYTORCH_KEYS.items()}
   scipy.io.savemat(tmp_path / "d.mat", {**groups, "lm68": np.zeros((3, 68, 2))})
-  np.testing.assert_array_equal(driving.load_coefficients(tmp_path / "d.mat")[0], rows)
+  np.testing.assert_array_equal(coefficient_files.read_coefficients(tmp_path / "d.mat")[0], rows)
 
 
 def test_deep3dfacerecon_pytorch_group_of_wrong_width_is_refused(tmp_path):
   rows = _rows(3, 257)
-  groups = {k: rows[:, S[name]] for k, name in driving.D3DFR_PYTORCH_KEYS.items() if k != "gaze"}
+  groups = {k: rows[:, S[name]] for k, name in coefficient_files.D3DFR_PYTORCH_KEYS.items() if k != "gaze"}
   groups["exp"] = groups["exp"][:, :60]
   scipy.io.savemat(tmp_path / "d.mat", groups)
   with pytest.raises(ValueError, match="'expression' has shape"):
-    driving.load_coefficients(tmp_path / "d.mat")
+    coefficient_files.read_coefficients(tmp_path / "d.mat")
 
 
 @pytest.mark.parametrize("width", [70, 73])

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipeline import loader, prepare
-from mimajax import cli
+from data_pipeline import clip_files, loader, prepare
+from mimajax import cli, sharding
 
 # imageio-ffmpeg and the resume test start subprocesses (fork + exec), which JAX's fork hook warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
@@ -40,7 +40,7 @@ def dataset(tmp_path_factory):
   for i, n in enumerate(LENGTHS):
     vid = f"id{i % 4:05d}/video{i}/00001"
     path, coeffs = _write_clip(root / "videos", vid, n, seed=i)
-    clips[vid] = (prepare.read_video(str(path)), coeffs)
+    clips[vid] = (clip_files.read_video(str(path)), coeffs)
   options = prepare.PrepareOptions(resolution=SIZE, frames_per_record=20, shard_size=2, image_format="png")
   manifest = prepare.prepare(root / "videos", root / "out", options=options, progress=False)
   source = grain.sources.ArrayRecordDataSource(loader.find_shards(root / "out")[0])
@@ -188,10 +188,10 @@ def test_bad_host_arguments_are_clear_errors(dataset):
 
 def test_to_global_makes_sharded_arrays(dataset):
   (batch,) = batches(dataset["out"], loader.LoaderConfig(num_frames=2, batch_size=len(jax.devices())), 1)
-  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
-  arrays = loader.to_global(batch, mesh, jax.sharding.PartitionSpec("data"))
+  mesh = sharding.make_mesh({"data": -1})
+  arrays = sharding.to_global(batch, mesh)
   for k, v in batch.items():
-    assert arrays[k].shape == v.shape and arrays[k].sharding.spec == jax.sharding.PartitionSpec("data")
+    assert arrays[k].shape == v.shape and arrays[k].sharding == sharding.batch_sharding(mesh, v.ndim)
     np.testing.assert_array_equal(np.asarray(arrays[k]), v)
 
 

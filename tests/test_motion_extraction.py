@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipeline import demo_data, face_landmarks, loader
+from data_pipeline import demo_data, loader
 from data_pipeline import motion_extraction as me
 from mimajax import cli
 from mimajax.errors import CheckpointReadError
@@ -21,12 +21,14 @@ from mimajax.face3d.landmark_model import (
   load_face_model,
   save_face_model,
 )
+from mimajax.faces import landmarks as face_landmarks
+from mimajax.faces import motion_fit
 
 # the tests start ffmpeg and spawn processes (fork + exec), which JAX's fork hook warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 
 CANONICAL, TRIANGLES = canonical_face_mesh()
-NON_RIGID = np.array([i for i in range(NUM_LANDMARKS) if i not in me.RIGID_WEIGHTS])
+NON_RIGID = np.array([i for i in range(NUM_LANDMARKS) if i not in motion_fit.RIGID_WEIGHTS])
 render_jit = jax.jit(render_coefficients, static_argnames=("resolution",))
 
 
@@ -62,7 +64,7 @@ def test_rigid_fit_recovers_pose_and_shape_of_a_deformed_canonical_face():
   angles, translations, scales = _random_poses(rng, t)
   shapes = np.repeat(CANONICAL[None].astype(np.float64), t, 0)
   shapes[:, NON_RIGID] += rng.normal(size=(t, len(NON_RIGID), 3)) * 0.03  # expression: off the rigid landmarks
-  fit = me.fit_pose(_synthetic_landmarks(shapes, angles, translations, scales))
+  fit = motion_fit.fit_pose(_synthetic_landmarks(shapes, angles, translations, scales))
   np.testing.assert_allclose(fit["angle"], angles, atol=1e-4)
   # A face s times the canonical size at camera-space offset c looks exactly like the canonical face at c / s.
   camera_offset = translations - [0, 0, DEEP3D_DISTANCE]
@@ -78,20 +80,20 @@ def test_pca_coefficients_rebuild_the_landmarks_through_the_face_model():
   rng = np.random.default_rng(1)
   t, k = 40, 5
   modes = rng.normal(size=(k, NUM_LANDMARKS, 3)) * 0.01
-  modes[:, list(me.RIGID_WEIGHTS)] = 0  # the rigid landmarks do not move, so the pose is exact
+  modes[:, list(motion_fit.RIGID_WEIGHTS)] = 0  # the rigid landmarks do not move, so the pose is exact
   weights = rng.normal(size=(t, k)) * np.array([3, 2, 1.5, 1, 0.5])
   shapes = CANONICAL + np.einsum("tk,knc->tnc", weights, modes)
   landmarks = _synthetic_landmarks(shapes, *_random_poses(rng, t))
-  fit = me.fit_pose(landmarks)
+  fit = motion_fit.fit_pose(landmarks)
   pca = me.ShapePCA()
   pca.add(fit["shape"][:15])
   pca.add(fit["shape"][15:])  # streaming: in two clips
   mean, basis = pca.fit(64)
   assert basis.shape == (3 * NUM_LANDMARKS, k)  # the residual has rank 5: 59 zero columns follow
-  beta = me.ShapePCA.project(fit["shape"], mean, basis)
+  beta = motion_fit.project_expression(fit["shape"], mean, basis)
   np.testing.assert_allclose(beta.std(0), 1.0, rtol=1e-6)  # whitened
   np.testing.assert_allclose(mean + beta @ basis.T, shapes.reshape(t, -1), atol=1e-5)
-  coeffs = me.assemble(fit["angle"], fit["translation"], beta, me.gaze(fit["shape"]))
+  coeffs = motion_fit.assemble(fit["angle"], fit["translation"], beta, motion_fit.gaze(fit["shape"]))
   assert coeffs.shape == (t, 261) and coeffs.dtype == np.float32
   assert not coeffs[:, 80 + k : 144].any() and not coeffs[:, :80].any() and not coeffs[:, 144:224].any()
   model = landmark_face_model(mean.reshape(-1, 3), basis)
@@ -115,8 +117,8 @@ def test_gaze_follows_the_irises_and_mirrors_like_the_loader_says():
   shapes[1, irises, 0] -= 0.02
   shapes[2, irises, 1] += 0.01  # up
   shapes[3, 468:473, 0] += 0.02  # the -x eye only: vergence
-  g = me.gaze(shapes)
-  rest = me.gaze(CANONICAL.astype(np.float64))
+  g = motion_fit.gaze(shapes)
+  rest = motion_fit.gaze(CANONICAL.astype(np.float64))
   np.testing.assert_allclose(rest, 0.0, atol=1e-6)  # the canonical eyes look straight ahead
   assert g[0, 0] > 0.05 and g[1, 0] < -0.05 and np.isclose(g[0, 0], -g[1, 0])
   assert g[2, 1] > 0.02 and abs(g[2, 0]) < 1e-6 and abs(g[0, 1]) < 1e-6
@@ -125,7 +127,7 @@ def test_gaze_follows_the_irises_and_mirrors_like_the_loader_says():
   mirror = shapes[:, _mirror_index()] * [-1, 1, 1]
   row = np.zeros((4, 261), np.float32)
   row[:, 257:] = g
-  np.testing.assert_allclose(loader.mirror_coefficients(row)[:, 257:], me.gaze(mirror), atol=1e-6)
+  np.testing.assert_allclose(loader.mirror_coefficients(row)[:, 257:], motion_fit.gaze(mirror), atol=1e-6)
 
 
 def test_fill_gaps_interpolates_short_gaps_and_refuses_long_ones():
@@ -133,10 +135,10 @@ def test_fill_gaps_interpolates_short_gaps_and_refuses_long_ones():
   landmarks = np.zeros((7, NUM_LANDMARKS, 3), np.float32)
   landmarks[[1, 4, 5]] = np.array([1.0, 4.0, 5.0])[:, None, None]
   landmarks[~found] = np.nan
-  filled = me.fill_gaps(landmarks, found, max_gap=2)
+  filled = motion_fit.fill_gaps(landmarks, found, max_gap=2)
   np.testing.assert_allclose(filled[:, 0, 0], [1, 1, 2, 3, 4, 5, 5])  # edges: the nearest frame
-  assert me.fill_gaps(landmarks, found, max_gap=1) is None
-  assert me.fill_gaps(landmarks, np.zeros(7, bool), max_gap=10) is None
+  assert motion_fit.fill_gaps(landmarks, found, max_gap=1) is None
+  assert motion_fit.fill_gaps(landmarks, np.zeros(7, bool), max_gap=10) is None
 
 
 def test_face_model_file_round_trip_and_errors(tmp_path):

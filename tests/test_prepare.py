@@ -14,8 +14,10 @@ import pytest
 import scipy.io
 from array_record.python.array_record_module import ArrayRecordReader
 
-from data_pipeline import prepare, records
+from data_pipeline import clip_files, prepare, records
 from mimajax import cli
+from mimajax.face3d import coefficient_files
+from mimajax.faces import detection
 
 # the resume test starts a subprocess (fork + exec), which JAX's fork hook warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
@@ -79,7 +81,7 @@ def test_round_trip_frames_and_coefficients_exact(tmp_path):
     ("id00002/vidC/00001", 9),
   ]  # fmt: skip
   assert manifest["counts"]["records"] == len(recs)
-  videos = {vid: prepare.read_video(str(src / (vid + ".mp4"))) for vid in coeffs}
+  videos = {vid: clip_files.read_video(str(src / (vid + ".mp4"))) for vid in coeffs}
   for r in recs:
     assert r.identity == (0 if r.speaker == "id00001" else 1)
     np.testing.assert_array_equal(r.coefficients, coeffs[r.video_id][r.frame_indices])
@@ -94,7 +96,7 @@ def test_jpeg_frames_within_jpeg_tolerance(tmp_path):
   options = prepare.PrepareOptions(resolution=SIZE, shard_size=1, quality=95)
   prepare.prepare(tmp_path / "in", tmp_path / "out", options=options, progress=False)
   (rec,) = read_records(tmp_path / "out")
-  video = prepare.read_video(str(tmp_path / "in/id1/v/00001.mp4"))
+  video = clip_files.read_video(str(tmp_path / "in/id1/v/00001.mp4"))
   err = np.abs(np.stack([records.decode_frame(f) for f in rec.frames]).astype(int) - video.astype(int))
   assert err.mean() < 2.0, err.mean()
 
@@ -125,10 +127,10 @@ def test_center_crop_and_resize():
   frame = np.zeros((32, 48, 3), np.uint8)
   frame[:, :8] = (255, 0, 0)  # left margin, outside the centre square
   frame[:, 8:40] = (0, 200, 0)
-  out = prepare.crop_and_resize(frame, None, 16)
+  out = detection.crop_and_resize(frame, None, 16)
   assert out.shape == (16, 16, 3)
   np.testing.assert_array_equal(out, np.broadcast_to(np.array([0, 200, 0], np.uint8), (16, 16, 3)))
-  padded = prepare.crop_and_resize(frame, (-8, 0, 32), 32)  # a face box leaving the frame is edge-padded
+  padded = detection.crop_and_resize(frame, (-8, 0, 32), 32)  # a face box leaving the frame is edge-padded
   np.testing.assert_array_equal(padded[:, :8], np.broadcast_to(np.array([255, 0, 0], np.uint8), (32, 8, 3)))
 
 
@@ -196,11 +198,30 @@ def test_detect_crop_finds_the_real_face():
   path = Path(os.environ.get("TMPDIR", "/tmp")) / f"astronaut_{os.getpid()}.mp4"
   try:
     demo_data.write_mp4(path, np.stack([image] * 3))
-    x0, y0, side = prepare.detect_face_box(str(path), margin=1.0)
+    x0, y0, side = clip_files.clip_face_box(str(path), margin=1.0)
+    # animate's box of the same frames (every decoded frame handed over) is the same box
+    assert detection.video_face_box(iter(clip_files.read_video(str(path))), margin=1.0) == (x0, y0, side)
   finally:
     path.unlink(missing_ok=True)
   # the astronaut's face lies around x 180-270, y 70-160 in the 512x512 photograph
   assert 150 < x0 + side / 2 < 260 and 80 < y0 + side / 2 < 170 and 60 < side < 160, (x0, y0, side)
+
+
+def test_dataset_coefficients_are_full_rows_only(tmp_path):
+  """The shared reader in prepare's mode: Deep3DFaceRecon rows only, no single rows or SadTalker's partial rows."""
+  scipy.io.savemat(tmp_path / "sad.mat", {"coeff_3dmm": np.zeros((3, 70))})
+  np.save(tmp_path / "sad.npy", np.zeros((3, 70), np.float32))
+  np.save(tmp_path / "row.npy", np.zeros(257, np.float32))
+  scipy.io.savemat(tmp_path / "ok.mat", {"coeff": np.ones((3, 261))})
+  for name, reason in (("sad.mat", "unreadable"), ("sad.npy", "shape"), ("row.npy", "shape")):
+    with pytest.raises(coefficient_files.CoefficientError) as e:
+      coefficient_files.read_coefficients(tmp_path / name, training_rows=True)
+    assert e.value.reason == reason, (name, e.value)
+    assert coefficient_files.read_coefficients(tmp_path / name)[0].shape[1] == 257  # as a driver it is read
+  rows, kind = coefficient_files.read_coefficients(tmp_path / "ok.mat", training_rows=True)
+  assert rows.shape == (3, 261) and kind == "coefficients"
+  with pytest.raises(coefficient_files.CoefficientError, match=r"expected \(frames, 257\)"):
+    coefficient_files.read_coefficients(tmp_path / "ok.mat", width=257, training_rows=True)
 
 
 def _dataset_for_resume(root, fifo_last=False):
@@ -279,13 +300,13 @@ def test_tfds_builder_writes_array_record_readable_by_data_source(tmp_path):
   source = voxceleb2_mima.data_source(tmp_path / "tfds", split="train", config="256", manual_dir=manual)
   assert len(source) == 1
   ex = source[0]
-  rec = voxceleb2_mima.to_record(ex)
+  rec = records.from_tfds_example(ex)
   assert rec.video_id == "id00001/vid/00001" and rec.identity == 0 and rec.num_frames == 20
   np.testing.assert_array_equal(rec.coefficients, coeffs)
   assert records.decode_frame(rec.frames[3]).shape == (256, 256, 3)
   assert list(tmp_path.glob("tfds/voxceleb2_mima/256/1.0.0/*.array_record-*"))
   test = voxceleb2_mima.data_source(tmp_path / "tfds", split="test", config="256")
-  assert len(test) == 1 and voxceleb2_mima.to_record(test[0]).identity == 1
+  assert len(test) == 1 and records.from_tfds_example(test[0]).identity == 1
   # the Grain loader streams the TFDS source like prepared shards
   from data_pipeline import loader
 

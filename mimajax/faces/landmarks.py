@@ -1,10 +1,10 @@
 """MediaPipe face detection + FaceMesh 478 landmarks (with irises), run from the .tflite models in the mediapipe wheel.
 
-The offline motion extraction (motion_extraction.py, issue 4 item 2) needs FaceMesh's landmarks. mediapipe 0.10.21 is
-the last wheel that bundles its models, but its Python graph API does not run with the protobuf that tensorflow 2.21
-needs (FieldDescriptor.label is gone in protobuf 7), so its models are run directly with LiteRT (`ai-edge-litert`;
-tensorflow's deprecated `tf.lite.Interpreter` as a fallback), with the pre/post-processing of MediaPipe's graphs
-(modules/face_detection, face_landmark, iris_landmark) written out here:
+The motion fit (motion_fit.py: the dataset's motion extraction, issue 4 item 2, and animate's video drivers) needs
+FaceMesh's landmarks. mediapipe 0.10.21 is the last wheel that bundles its models, but its Python graph API does not
+run with the protobuf that tensorflow 2.21 needs (FieldDescriptor.label is gone in protobuf 7), so its models are run
+directly with LiteRT (`ai-edge-litert`; tensorflow's deprecated `tf.lite.Interpreter` as a fallback), with the
+pre/post-processing of MediaPipe's graphs (modules/face_detection, face_landmark, iris_landmark) written out here:
 
   face_detection_short_range.tflite  BlazeFace: the frame letterboxed to 128 px, values in [-1, 1] -> boxes and six
                                      keypoints per anchor; the best face after weighted non-maximum suppression

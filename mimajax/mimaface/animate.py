@@ -28,6 +28,8 @@ import numpy as np
 from flax import nnx
 
 from mimajax import video_io
+from mimajax.face3d.coefficient_files import check_coefficients, read_coefficients
+from mimajax.faces import detection
 from mimajax.mimaface import conditioning, driving, ica
 from mimajax.mimaface.sampling import SCHEDULERS, ClipSampler, SamplerConfig
 
@@ -51,10 +53,10 @@ class Animation:
 # ----------------------------------------------------------------------------- the source portrait
 
 
-def find_face(image, margin: float = driving.FACE_MARGIN, *, what: str = "the source image") -> tuple[int, int, int]:
-  """`driving.detect_face_box`, or ValueError "no face found in the source ..." (a bad portrait)."""
+def find_face(image, margin: float = detection.FACE_MARGIN, *, what: str = "the source image") -> tuple[int, int, int]:
+  """`detection.image_face_box`, or ValueError "no face found in the source ..." (a bad portrait)."""
   image = video_io.as_rgb(image, what)
-  box = driving.detect_face_box(image, margin)
+  box = detection.image_face_box(image, margin)
   if box is None:
     raise ValueError(
       f"no face found in {what} ({image.shape[1]}x{image.shape[0]}): the Haar detector needs a clearly visible, "
@@ -65,10 +67,8 @@ def find_face(image, margin: float = driving.FACE_MARGIN, *, what: str = "the so
 
 def crop_source(image, resolution: int, *, box: tuple[int, int, int] | None = None) -> np.ndarray:
   """The aligned face crop (resolution, resolution, 3) uint8 (the face found unless `box` is given)."""
-  from data_pipeline.prepare import crop_and_resize
-
   image = video_io.as_rgb(image, "the source image")
-  return crop_and_resize(image, box or find_face(image), resolution)
+  return detection.crop_and_resize(image, box or find_face(image), resolution)
 
 
 def source_coefficients(image, resolution: int, *, box=None, path: str | None = None, face_model=None):
@@ -76,7 +76,7 @@ def source_coefficients(image, resolution: int, *, box=None, path: str | None = 
   landmarks of its face crop in `face_model`'s basis."""
   if path is not None:
     file, frame = driving.parse_frame_spec(str(path))
-    rows, _ = driving.load_coefficients(file)
+    rows, _ = read_coefficients(file)
     if frame >= len(rows):
       raise ValueError(f"source coefficients {path}: frame {frame} is out of range; {file} has {len(rows)} rows")
     return rows[frame : frame + 1]
@@ -232,7 +232,7 @@ def generate_animation(
       "the release variant's MIA needs the source's face-recognition features (CurricularFace, "
       f"{model.config.mia.face_recognition_dim} values): pass face_features (--face-features FILE.npy)"
     )
-  rows = driving.check_coefficients(driving_coeffs, "driving coefficients")
+  rows = check_coefficients(driving_coeffs, "driving coefficients")
   f = clip_frames or (inference.num_frames if video else min(IMAGE_BATCH, len(rows)))
   k = (inference.ica_frames if ica_frames is None else ica_frames) if video else 0
   if f < 1 or not 0 <= k < f:

@@ -3,14 +3,11 @@
 Every driver becomes rows of coefficients in the Deep3DFaceRecon layout (`face3d.coefficients`, 257 or 261 with
 the release's gaze). Readers (`read_driving`):
 
-  .npy             (T, 257 | 261), or one row (257 | 261,); (T, 70 | 73) rows are read as SadTalker's
-  .mat `coeff`     (T, 257 | 261): Deep3DFaceRecon (TF) and `mimajax prepare`'s layout
-  .mat `id`, `exp`, `tex`, `angle`, `gamma`, `trans` [, `gaze`]: Deep3DFaceRecon_pytorch's `save_coeff` groups
-  .mat `coeff_3dmm` SadTalker (OpenTalker/SadTalker): (T, 70) = expression 64 | angle 3 | translation 3 from audio
-                   (src/test_audio2coeff.py `Audio2Coeff.generate`), or (T, 73) from its CropAndExtract
-                   (src/utils/preprocess.py; + 3 crop parameters, dropped). This is how audio drives the model.
-  video            FaceMesh landmarks of its Haar face crop (as `prepare --crop detect`), streamed; rows in the
-                   checkpoint's landmark face model (`with_motion`), as data_pipeline.motion_extraction makes them
+  .npy, .mat       coefficient files (mimajax.face3d.coefficient_files: Deep3DFaceRecon's `coeff`, its PyTorch port's
+                   groups, SadTalker's audio-driven `coeff_3dmm`), the reader `mimajax prepare` uses too
+  video            FaceMesh landmarks of its Haar face crop (mimajax.faces.detection, as `prepare --crop detect`),
+                   streamed; rows in the checkpoint's landmark face model (`with_motion`), fitted by
+                   mimajax.faces.motion_fit as the dataset's motion extraction fits them
 
 SadTalker rows only carry expression and pose; their other groups are zero and come from the source on blending.
 
@@ -33,7 +30,6 @@ Edits (`apply_edits`), each `key=value`, applied to every row:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import re
 from pathlib import Path
@@ -42,16 +38,12 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mimajax import video_io
-from mimajax.face3d import coefficients as coefficient_layout
-from mimajax.face3d.camera import DEEP3D_SIZE
-from mimajax.face3d.coefficients import BASE_WIDTH, COEFFICIENT_SLICES, COEFFICIENT_WIDTHS
+from mimajax.face3d.coefficient_files import check_coefficients, read_coefficients
+from mimajax.face3d.coefficients import COEFFICIENT_SLICES, COEFFICIENT_WIDTHS
 from mimajax.face3d.landmark_model import NUM_LANDMARKS
+from mimajax.faces import detection, motion_fit
 
-FACE_MARGIN = 1.8  # crop side / Haar face side: prepare's PrepareOptions.face_margin, so crops match training
 PREVIEW_SIZE = 256  # side of the driving video's face crops kept for the side-by-side view
-SADTALKER_WIDTHS = (70, 73)  # expression 64 | angle 3 | translation 3 [| crop parameters 3]
-D3DFR_PYTORCH_KEYS = {"id": "identity", "exp": "expression", "tex": "texture", "angle": "angle", "gamma": "gamma",
-                      "trans": "translation", "gaze": "gaze"}  # fmt: skip
 MOTION_GROUPS = ("expression", "angle", "translation", "gaze")  # what a driver contributes; the rest is the source's
 BLEND_MODES = ("absolute", "relative")
 ANGLE_INDEX = {"pitch": 0, "yaw": 1, "roll": 2}
@@ -79,97 +71,6 @@ def _slice(name: str) -> slice:
   return slice(*COEFFICIENT_SLICES[name])
 
 
-def check_coefficients(coeffs, what: str) -> np.ndarray:
-  """(T, 257 | 261) finite float32 rows (a single row becomes (1, W)); ValueError naming `what` otherwise."""
-  try:
-    coeffs = np.asarray(coeffs, np.float32)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{what}: not an array of numbers ({e})") from None
-  if coeffs.ndim == 1:
-    coeffs = coeffs[None]
-  if coeffs.ndim != 2 or coeffs.shape[1] not in COEFFICIENT_WIDTHS or len(coeffs) == 0:
-    raise ValueError(
-      f"{what}: coefficients of shape {coeffs.shape}; expected (frames, 257) in Deep3DFaceRecon's layout, (frames, "
-      "261) with the release's gaze, or SadTalker's (frames, 70 | 73) (expression 64 | angle 3 | translation 3)"
-    )
-  if not np.isfinite(coeffs).all():
-    rows = np.unique(np.nonzero(~np.isfinite(coeffs))[0])
-    raise ValueError(f"{what}: non-finite values (NaN or inf) in {len(rows)} rows (first: {rows[:5].tolist()})")
-  return coeffs
-
-
-def from_sadtalker(rows, what: str = "SadTalker coefficients") -> np.ndarray:
-  """SadTalker's (T, 70 | 73) exp | angle | trans [| crop] -> (T, 257) with identity, texture and lighting zero."""
-  rows = np.asarray(rows, np.float32)
-  if rows.ndim != 2 or rows.shape[1] not in SADTALKER_WIDTHS:
-    raise ValueError(f"{what}: shape {rows.shape}; SadTalker's coeff_3dmm is (frames, 70) or (frames, 73)")
-  out = np.zeros((len(rows), BASE_WIDTH), np.float32)
-  out[:, _slice("expression")] = rows[:, 0:64]
-  out[:, _slice("angle")] = rows[:, 64:67]
-  out[:, _slice("translation")] = rows[:, 67:70]
-  return out
-
-
-def _read_mat(path: Path) -> tuple[np.ndarray, str]:
-  import scipy.io
-
-  try:
-    mat = scipy.io.loadmat(path)
-  except Exception as e:  # noqa: BLE001  (scipy raises several types for a file that is not a .mat)
-    raise ValueError(f"{path} is not a readable MATLAB .mat file ({type(e).__name__}: {e})") from e
-  keys = sorted(k for k in mat if not k.startswith("__"))
-  if "coeff" in mat:
-    return mat["coeff"], "coefficients"
-  if "coeff_3dmm" in mat:
-    return from_sadtalker(np.atleast_2d(mat["coeff_3dmm"]), f"{path}: coeff_3dmm"), "sadtalker"
-  if all(k in mat for k in ("id", "exp", "tex", "angle", "gamma", "trans")):
-    groups = {name: np.atleast_2d(mat[k]) for k, name in D3DFR_PYTORCH_KEYS.items() if k in mat}
-    try:  # checks every group's width; the frames must agree
-      return np.asarray(coefficient_layout.join(groups)), "coefficients"
-    except (ValueError, TypeError) as e:
-      raise ValueError(f"{path}: Deep3DFaceRecon_pytorch groups do not fit the layout: {e}") from None
-  raise ValueError(
-    f"{path} has none of the coefficient layouts (keys {keys}); expected 'coeff' (Deep3DFaceRecon, frames x 257|261), "
-    "'coeff_3dmm' (SadTalker, frames x 70|73) or 'id', 'exp', 'tex', 'angle', 'gamma', 'trans' (D3DFR_pytorch)"
-  )
-
-
-def load_coefficients(path: str | os.PathLike) -> tuple[np.ndarray, str]:
-  """(rows (T, 257 | 261) float32, kind "coefficients" | "sadtalker") of a .npy or .mat file."""
-  path = Path(path)
-  if not path.is_file():
-    raise ValueError(f"coefficient file {path} does not exist")
-  suffix = path.suffix.lower()
-  if suffix == ".mat":
-    rows, kind = _read_mat(path)
-  elif suffix == ".npy":
-    try:
-      rows = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001
-      raise ValueError(f"{path} is not a readable .npy array ({type(e).__name__}: {e})") from e
-    kind = "coefficients"
-    if rows.ndim == 2 and rows.shape[1] in SADTALKER_WIDTHS:
-      rows, kind = from_sadtalker(rows, str(path)), "sadtalker"
-  else:
-    raise ValueError(f"coefficient file {path}: unknown extension {suffix!r}; expected .npy or .mat")
-  return check_coefficients(rows, str(path)), kind
-
-
-def detect_face_box(image: np.ndarray, margin: float = FACE_MARGIN) -> tuple[int, int, int] | None:
-  """Square crop (x0, y0, side) around the largest Haar face, enlarged by margin; None if there is none."""
-  from data_pipeline import prepare
-
-  return prepare.face_box([image], margin)
-
-
-def video_face_box(frames: Iterable[np.ndarray], margin: float = FACE_MARGIN, step: int = 5, most: int = 16):
-  """One crop for a whole video, as `prepare` makes it: the median of up to `most` faces found in every
-  step-th frame (None if none)."""
-  from data_pipeline import prepare
-
-  return prepare.face_box(itertools.islice(frames, 0, None, step), margin, most)
-
-
 def _landmarker():
   from mimajax.faces import landmarks as face_landmarks
 
@@ -182,11 +83,9 @@ def _landmarker():
 
 def crop_landmarks(crops: Iterable[np.ndarray], side: int, what: str, max_gap: int = 12) -> np.ndarray:
   """FaceMesh landmarks (T, 478, 3) of aligned face crops of `side` pixels, in 224-px crop pixels as the data
-  pipeline caches them, short gaps filled (data_pipeline.motion_extraction pass 1)."""
-  from data_pipeline import motion_extraction as me
-
+  pipeline caches them, short gaps filled (the dataset's motion extraction, pass 1)."""
   landmarks, found = _landmarker().track(crops)
-  filled = me.fill_gaps(landmarks * np.float32(DEEP3D_SIZE / side), found, max_gap)
+  filled = motion_fit.fill_gaps(motion_fit.to_fit_pixels(landmarks, side), found, max_gap)
   if filled is None:
     raise ValueError(
       f"MediaPipe found a face in {int(found.sum())} of {len(found)} frames of {what} (gaps over {max_gap} frames "
@@ -198,34 +97,28 @@ def crop_landmarks(crops: Iterable[np.ndarray], side: int, what: str, max_gap: i
 def motion_from_landmarks(landmarks: np.ndarray, face_model) -> np.ndarray:
   """Landmarks (T, 478, 3) -> (T, 261) rows in `face_model`'s expression basis (the pipeline's pass 2: pose fit,
   projection on the checkpoint's expression PCA, gaze); the model must be the landmark morphable model."""
-  from data_pipeline import motion_extraction as me
-
   if face_model.num_vertices != NUM_LANDMARKS:
     raise ValueError(
       f"motion from images needs the landmark face model (face_model.npz of `mimajax extract-motion`, "
       f"{NUM_LANDMARKS} vertices); this checkpoint's has {face_model.num_vertices}: pass coefficient files instead "
       "(--driving FILE.npy|.mat, --source-coefficients FILE)"
     )
-  fit = me.fit_pose(landmarks)
   mean = np.asarray(face_model.mean_shape, np.float64).reshape(-1)
-  beta = me.ShapePCA.project(fit["shape"], mean, np.asarray(face_model.expression_basis, np.float64))
-  return me.assemble(fit["angle"], fit["translation"], beta, me.gaze(fit["shape"]))
+  return motion_fit.motion_coefficients(landmarks, mean, np.asarray(face_model.expression_basis, np.float64))
 
 
 def read_video_driver(path, *, max_frames: int | None = None, previews: bool = False) -> Driving:
   """A driving video, streamed twice (Haar crop, then FaceMesh landmarks): memory does not grow with its pixels."""
-  from data_pipeline.prepare import crop_and_resize
-
-  box = video_face_box(video_io.iter_video(path, max_frames))
+  box = detection.video_face_box(video_io.iter_video(path, max_frames))
   if box is None:
     raise ValueError(f"no face found in the driving video {path}: the Haar detector saw none in its frames")
   kept = []
 
   def crops():
     for frame in video_io.iter_video(path, max_frames):
-      crop = crop_and_resize(frame, box, box[2])  # at the crop's own size, as the pipeline: no detail lost
+      crop = detection.crop_and_resize(frame, box, box[2])  # at the crop's own size, as the pipeline: no detail lost
       if previews:
-        kept.append(crop_and_resize(crop, None, PREVIEW_SIZE))
+        kept.append(detection.crop_and_resize(crop, None, PREVIEW_SIZE))
       yield crop
 
   landmarks = crop_landmarks(crops(), box[2], f"the driving video {path}")
@@ -243,7 +136,7 @@ def read_driving(path: str | os.PathLike, *, max_frames: int | None = None, prev
       f"driver {path}: unknown kind {path.suffix!r}; expected a video ({', '.join(video_io.VIDEO_EXTENSIONS)}) or "
       "a coefficient file (.npy, .mat)"
     )
-  coeffs, kind = load_coefficients(path)
+  coeffs, kind = read_coefficients(path)
   return Driving(coeffs[:max_frames] if max_frames else coeffs, kind, source=str(path))
 
 
