@@ -189,6 +189,7 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.stage = stage  # 1: images (U-Net, CLIP, MIA); 2: clips (motion modules, W_cond)
   config.total_steps = 100_000
   config.model = model_config(size)
+  config.model.family = "mimaface"  # the model family (mimajax/families.py); recorded in the workdir
   config.model.mia = mia_config(size, variant)
   config.model.remat = "none"  # "none" | "full" | "dots" | "dots_no_batch": recompute U-Net layers in backward
   # MIMAFaceConfig's objective fields (mimajax/mimaface/model.py).

@@ -1,9 +1,10 @@
-"""Training checkpoints (Orbax) and loading a trained model for inference.
+"""Training checkpoints (Orbax) and reading a trained model's parameters back, for every model family.
 
 A workdir holds
   config.json                 the run's ml_collections config (written once, by process 0)
-  face_model.npz              the morphable model the renders were drawn with (copied in at start)
-  checkpoints/<step>/state    the TrainState (params, optimizer, memory bank, EMA, step, rng) as sharded arrays
+  ...                         what the family keeps beside them (MIMAFace: face_model.npz, vae/)
+  checkpoints/<step>/state    the TrainState (parameter groups, their optimizers, the family's extra state,
+                              EMA, step, rng) as sharded arrays
   checkpoints/<step>/data     every host's Grain iterator state (JSON), so the data stream resumes exactly
 
 Saves are asynchronous (the device->host copy is synchronous, so the next step may donate the state);
@@ -30,8 +31,10 @@ import orbax.checkpoint as ocp
 from mimajax.errors import CheckpointReadError
 
 CONFIG_FILE = "config.json"
-FACE_MODEL_FILE = "face_model.npz"
 CHECKPOINT_DIR = "checkpoints"
+# Workdirs written before model families and parameter groups: a MIMAFace run whose `params` are one group.
+LEGACY_FAMILY = "mimaface"
+LEGACY_GROUP = "model"
 
 
 def _is_key(x) -> bool:
@@ -189,9 +192,7 @@ def _tuples(x):
   return x
 
 
-# ----------------------------------------------------------------------------- inference
-
-VAE_DIR = "vae"
+# ----------------------------------------------------------------------------- trained models on disk
 
 
 def step_folder(path: str | os.PathLike) -> Path:
@@ -210,16 +211,48 @@ def step_folder(path: str | os.PathLike) -> Path:
   )
 
 
-def checkpoint_params(path: str | os.PathLike, *, ema: bool = False) -> dict[tuple[str, ...], np.ndarray]:
-  """Every parameter of a checkpoint (workdir or step folder), keyed by path; the EMA copy when asked and kept."""
-  state_dir = (step_folder(path) / "state").absolute()
+def read_state(state_dir: str | os.PathLike) -> dict:
+  """A saved TrainState as a nested dict of arrays on this process's first device, whatever mesh wrote it
+  (a checkpoint of a pod run loads on one GPU or CPU)."""
+  state_dir = Path(state_dir).absolute()
+  ckptr = ocp.StandardCheckpointer()
   try:
-    restored = ocp.StandardCheckpointer().restore(state_dir)
+    metadata = ckptr.metadata(state_dir).item_metadata
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata.tree)
+    return ckptr.restore(state_dir, target)
   except Exception as e:  # noqa: BLE001 - Orbax raises many types for truncated / foreign folders
     raise CheckpointReadError(f"cannot read the checkpoint {state_dir}: {type(e).__name__}: {e}") from e
+
+
+def recorded_family(path: str | os.PathLike) -> str | None:
+  """The model family a workdir or step folder was trained as (config.json's model.family), or None when the
+  path holds no training config. Workdirs from before families were recorded answer `LEGACY_FAMILY`."""
+  path = Path(path)
+  for workdir in (path, path.parent.parent):
+    if (workdir / CONFIG_FILE).is_file():
+      model = read_config(workdir).get("model")
+      return str((model.get("family") if model is not None else None) or LEGACY_FAMILY)
+  return None
+
+
+def checkpoint_params(path: str | os.PathLike, group: str, *, ema: bool = False) -> dict[tuple[str, ...], np.ndarray]:
+  """Every parameter of one parameter group of a checkpoint (workdir or step folder), keyed by path; the EMA
+  copy when asked and kept. Checkpoints from before parameter groups hold their one group (`LEGACY_GROUP`,
+  MIMAFace's "model") at the top of `params`."""
+  step_dir = step_folder(path)
+  state_dir = (step_dir / "state").absolute()
+  restored = read_state(state_dir)
   tree = restored.get("ema_params") if ema and restored.get("ema_params") else restored.get("params")
   if not isinstance(tree, dict):
     raise CheckpointReadError(f"{state_dir} holds no parameters (not a mimajax TrainState)")
+  legacy = _is_legacy(step_dir)
+  if legacy and group != LEGACY_GROUP:
+    raise CheckpointReadError(f"{state_dir} predates parameter groups and holds only {LEGACY_GROUP!r}, not {group!r}")
+  if not legacy:
+    if group not in tree:
+      raise CheckpointReadError(f"{state_dir} has no parameter group {group!r}; it has {sorted(tree)}")
+    tree = tree[group]
   flat: dict[tuple[str, ...], np.ndarray] = {}
 
   def collect(prefix, node):
@@ -233,94 +266,10 @@ def checkpoint_params(path: str | os.PathLike, *, ema: bool = False) -> dict[tup
   return flat
 
 
-@dataclasses.dataclass
-class Inference:
-  """A trained model ready to animate: MIMAFace, the VAE, the renderer's face model, the noise schedule."""
-
-  model: Any  # MIMAFace
-  vae: Any  # AutoencoderKL
-  face_model: Any  # MorphableModel
-  schedule: Any  # NoiseSchedule
-  config: Any  # the training config (ml_collections), or None for release folders
-  resolution: int  # frame pixels
-  num_frames: int  # clip length F
-  ica_frames: int  # k: frames of the previous clip each clip conditions on
-
-
-def load_inference(path: str | os.PathLike, *, use_ema: bool = True, vae_dir: str | os.PathLike | None = None,
-                   face_model_path: str | os.PathLike | None = None) -> Inference:  # fmt: skip
-  """A training workdir / step folder (Orbax) or an official release folder -> Inference.
-
-  Release folders hold no VAE: pass `vae_dir` (a diffusers VAE or SD pipeline folder).
-  """
-  from flax import nnx
-
-  from mimajax.diffusion import schedulers
-  from mimajax.face3d.landmark_model import load_face_model
-  from mimajax.face3d.synthetic import synthetic_model
-  from mimajax.mimaface import factory as mimaface_factory
-  from mimajax.mimaface.pretrained import merge_flat_params
-
-  path = Path(path)
-  if not path.exists():
-    raise CheckpointReadError(f"checkpoint {path} does not exist")
-  if (path / "mim.pth").exists() or (path / "3dunet.pth").exists():
-    return _load_release_inference(path, vae_dir, face_model_path)
-  step_dir = step_folder(path)
+def _is_legacy(step_dir: Path) -> bool:
+  """Whether a step folder's workdir was written before parameter groups (its config names no model family)."""
   workdir = step_dir.parent.parent
-  config = read_config(workdir)
-  abstract = lambda build: nnx.eval_shape(build)  # noqa: E731 - shapes only; the values come from files
-  model = abstract(lambda: mimaface_factory.build_mimaface(config.model, stage=config.stage, rngs=nnx.Rngs(0),
-                                                  **config.model.objective.to_dict()))  # fmt: skip
-  merge_flat_params(model, checkpoint_params(step_dir, ema=use_ema), f"{step_dir}")
-  vae = _load_vae(vae_dir or (workdir / VAE_DIR if (workdir / VAE_DIR).is_dir() else None), config)
-  fm_path = Path(face_model_path) if face_model_path else workdir / FACE_MODEL_FILE
-  face_model = load_face_model(fm_path) if fm_path.exists() else synthetic_model()
-  frames = int(config.data.num_frames)
-  return Inference(
-    model=model,
-    vae=vae,
-    face_model=face_model,
-    schedule=schedulers.make_noise_schedule(**config.noise_schedule.to_dict()),
-    config=config,
-    resolution=int(config.data.resolution),
-    num_frames=frames,
-    ica_frames=max(1, frames // 4) if frames > 1 else 0,
-  )
-
-
-def _load_vae(vae_dir, config):
-  from mimajax.convert import diffusers_format
-
-  if vae_dir is None and config is not None and config.model.pretrained:
-    vae_dir = Path(config.model.pretrained) / VAE_DIR
-  if vae_dir is None:
-    raise CheckpointReadError("no VAE: the workdir has no vae/ folder and the config names no pretrained SD folder")
-  vae_dir = Path(vae_dir)
-  if (vae_dir / VAE_DIR).is_dir():
-    vae_dir = vae_dir / VAE_DIR
-  return diffusers_format.load_vae(vae_dir)
-
-
-def _load_release_inference(path: Path, vae_dir, face_model_path) -> Inference:
-  from mimajax.diffusion import schedulers
-  from mimajax.face3d.landmark_model import load_face_model
-  from mimajax.mimaface import release_format
-
-  if vae_dir is None:
-    raise CheckpointReadError(f"{path} is a release folder: pass the SD VAE folder (--vae) to decode with")
-  if face_model_path is None:
-    raise CheckpointReadError(
-      f"{path} is a release folder: pass the morphable model its coefficients use (BFM_model_front.mat)"
-    )
-  model = release_format.load_release(path)
-  return Inference(
-    model=model,
-    vae=_load_vae(vae_dir, None),
-    face_model=load_face_model(face_model_path),
-    schedule=schedulers.make_noise_schedule(),
-    config=None,
-    resolution=512,
-    num_frames=16,
-    ica_frames=3,  # the release's infer_video.py: prev_frame_num=3
-  )
+  if not (workdir / CONFIG_FILE).is_file():
+    return False
+  model = read_config(workdir).get("model")
+  return model is None or not model.get("family")

@@ -8,15 +8,13 @@ import sys
 from data_pipeline.bench import add_arguments as loader_bench_arguments
 from data_pipeline.motion_extraction import add_arguments as extract_motion_arguments
 from data_pipeline.prepare import add_arguments as prepare_arguments
-from mimajax.mimaface.animate import add_arguments as animate_arguments
-from mimajax.mimaface.export import add_arguments as export_arguments
+from mimajax import families
+from mimajax.errors import CheckpointReadError
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
 
 
 def _parity(args) -> int:
-  from mimajax import parity
-
-  fn = parity.COMPONENTS[args.component]
+  fn = COMPONENTS[args.component]
   if args.component == "scheduler":
     if args.pretrained:
       print("--pretrained does not apply to --component scheduler (its config is SD1.5's)", file=sys.stderr)
@@ -64,6 +62,13 @@ def _bench(args) -> int:
   return 0
 
 
+# Verbs every model family may offer, run by the family the --checkpoint belongs to.
+FAMILY_VERBS = {
+  "animate": "portrait + driving video | coefficients (e.g. SadTalker audio) | edits -> mp4",
+  "export": "trained model -> PyTorch formats (MIMAFace: diffusers/transformers folders + SD single files)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="mimajax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -100,17 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
   prepare_arguments(p)
   p.set_defaults(fn=_prepare)
 
-  a = sub.add_parser(
-    "animate", help="portrait + driving video | coefficients (e.g. SadTalker audio) | edits -> mp4 (ICA, CFG)"
-  )
-  animate_arguments(a)
-  a.set_defaults(fn=_animate)
-
-  x = sub.add_parser(
-    "export", help="trained model -> diffusers/transformers folders + SD single files (docs/export_layout.md)"
-  )
-  export_arguments(x)
-  x.set_defaults(fn=_export)
+  for verb, what in FAMILY_VERBS.items():  # parsed by the family of the --checkpoint (see _family_verb)
+    sub.add_parser(verb, help=what, add_help=False)
 
   e = sub.add_parser(
     "extract-motion", help="MediaPipe FaceMesh landmarks -> 261-column motion coefficients + face_model.npz"
@@ -120,16 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _animate(args) -> int:
-  from mimajax.mimaface import animate
+def _family_verb(verb: str, argv: list[str]) -> int:
+  """`mimajax animate|export ...`: the verb of the model family the --checkpoint was trained as.
 
-  return animate.run(args)
-
-
-def _export(args) -> int:
-  from mimajax.mimaface import export as mimaface_export
-
-  return mimaface_export.run(args)
+  The family is read from the checkpoint (config.json's model.family; export and release folders are
+  MIMAFace's), so a user never names it; without a readable --checkpoint the default family parses the
+  arguments and reports what is wrong.
+  """
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--checkpoint")
+  known, _ = pre.parse_known_args(argv)
+  name = families.DEFAULT_FAMILY
+  if known.checkpoint:
+    try:
+      name = families.family_of_checkpoint(known.checkpoint)
+    except CheckpointReadError:
+      pass  # the family's own loader names what is wrong with the checkpoint
+  family = families.get(name)
+  command = family.commands.get(verb)
+  if command is None:
+    print(f"mimajax {verb}: the {name!r} model family has no {verb} command", file=sys.stderr)
+    return 2
+  parser = argparse.ArgumentParser(prog=f"mimajax {verb}", description=command.help)
+  command.add_arguments(parser)
+  return command.run(parser.parse_args(argv))
 
 
 def _extract_motion(args) -> int:
@@ -158,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv and argv[0] in ABSL_COMMANDS:
     return ABSL_COMMANDS[argv[0]](argv[1:])
+  if argv and argv[0] in FAMILY_VERBS:
+    return _family_verb(argv[0], argv[1:])
   args = build_parser().parse_args(argv)
   return args.fn(args)
 

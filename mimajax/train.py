@@ -1,13 +1,14 @@
-"""`mimajax train`: the two-stage MIMAFace training loop, from a config file, resumable from its workdir.
+"""`mimajax train`: one training loop for every model family, from a config file, resumable from its workdir.
 
   mimajax train --config configs/tiny.py --workdir runs/tiny --config.total_steps=6
 
-One loop for every scale: the mesh comes from `config.mesh`, parameters and optimizer state are
-sharded by the logical-axis rules, each host loads its slice of the global batch (Grain) and the
-batch becomes one global array; the jitted step (mimajax/train_step.py) encodes frames and renders
-with the frozen VAE/renderer, then updates the trainable set of the stage. Checkpoints (Orbax,
-async) hold the state and every host's iterator position; a rerun in the same workdir resumes
-from the newest one and continues exactly as if never stopped.
+The family (`config.model.family`, recorded in the workdir's config.json) builds its task
+(mimajax/families.py): parameter groups with their losses, optimizers and axis rules, frozen
+parts, the data iterator. The rest is one code path: the mesh comes from `config.mesh`, parameters
+and optimizer state are sharded by the logical-axis rules, each host loads its slice of the global
+batch and the batch becomes one global array; the jitted step (mimajax/train_step.py) updates
+every group. Checkpoints (Orbax, async) hold the state and every host's iterator position; a
+rerun in the same workdir resumes from the newest one and continues exactly as if never stopped.
 """
 
 from __future__ import annotations
@@ -23,19 +24,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from mimajax import checkpointing, sharding, train_step
-from mimajax.diffusion import schedulers
-from mimajax.mimaface import pretrained as model_init
-from mimajax.mimaface.memory_bank import init_memory_bank
-from mimajax.mimaface.model import MIMAFace, training_loss
+from mimajax import checkpointing, families, sharding, train_step
 from mimajax.training import reporting as train_metrics
 
 log = logging.getLogger("mimajax.train")
-
-# What the step needs from a loader batch (the rest stays on the host).
-DEVICE_KEYS = ("frames", "source_frame", "motion", "identity")
 
 
 @dataclasses.dataclass
@@ -44,28 +37,18 @@ class Run:
 
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
-  model: MIMAFace
+  task: families.Task
   state: train_step.TrainState
   state_shardings: Any
-  frozen: dict
+  frozen: Any
   frozen_shardings: Any
-  vae_graphdef: Any
   step_fn: Any  # (state, batch, frozen) -> (state, metrics), not yet jitted: the batch shardings come with the data
   metrics_sharding: Any
   iterator: Any
-  sampler: Any = None  # the sample writer's ClipSampler, built at the first sample step
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first inconsistent field."""
-  if config.stage not in (1, 2):
-    raise ValueError(f"config.stage must be 1 (images) or 2 (clips); got {config.stage}")
-  if config.stage == 1 and config.data.num_frames != 1:
-    raise ValueError(f"stage 1 trains on images: config.data.num_frames must be 1, got {config.data.num_frames}")
-  if config.stage == 2 and config.data.num_frames < 2:
-    raise ValueError(f"stage 2 trains on clips: config.data.num_frames must be >= 2, got {config.data.num_frames}")
-  if config.data.resolution % 8:
-    raise ValueError(f"config.data.resolution={config.data.resolution} must be a multiple of 8 (VAE latents)")
+  """The loop's own fields; raises ValueError naming the first inconsistent one (the family checks the rest)."""
   if config.total_steps < 1:
     raise ValueError(f"config.total_steps must be >= 1; got {config.total_steps}")
   if config.data.batch_size % jax.process_count():
@@ -74,115 +57,93 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _loader(config, process_index=None, process_count=None):
-  from data_pipeline import loader
-
-  d = config.data
-  cfg = loader.LoaderConfig(
-    num_frames=d.num_frames,
-    stride=d.stride,
-    batch_size=d.batch_size // jax.process_count(),
-    resolution=d.resolution,
-    source_resolution=d.resolution,
-    flip=d.flip,
-    seed=config.seed,
-    coefficient_dim=None,
-  )
-  return loader.make_iterator(d.path, cfg, workers=d.workers, read_threads=d.read_threads)
+def _host_batch(batch: dict, keys) -> dict:
+  return {k: batch[k] for k in keys} if keys is not None else dict(batch)
 
 
-def _host_batch(batch: dict) -> dict:
-  return {k: batch[k] for k in DEVICE_KEYS}
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """A workdir belongs to one family: refuse another's before anything in it is touched."""
+  recorded = checkpointing.recorded_family(workdir)
+  wanted = families.name_of(config)
+  if recorded is not None and recorded != wanted:
+    raise ValueError(f"{workdir} holds a {recorded!r} run; this config trains {wanted!r} (config.model.family)")
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[Run, checkpointing.Checkpointer]:
-  """Mesh, models, sharded state (restored from the workdir when it has a checkpoint), the jitted step."""
+  """Mesh, the family's task, sharded state (restored from the workdir when it has a checkpoint), the step."""
   check_config(config)
+  family = families.get(families.name_of(config))
+  family.check_config(config)
   workdir = Path(workdir)
+  check_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   if config.data.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
     raise ValueError(
       f"global batch {config.data.batch_size} does not split over the mesh's data x fsdp = "
       f"{mesh.shape['data']} x {mesh.shape['fsdp']} devices"
     )
-  face_model = model_init.face_model(config, workdir)
-  model, vae = model_init.build_models(config)
-  model_init.keep_vae(vae, config, workdir)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  labels = train_step.trainable_labels(params, list(config.train.trainable))
-  t = config.train
-  tx = train_step.make_optimizer(
-    labels,
-    learning_rate=t.learning_rate,
-    warmup_steps=t.warmup_steps,
-    weight_decay=t.weight_decay,
-    max_grad_norm=t.max_grad_norm or None,
-  )
-  bank = None
-  if config.model.mia.variant == "paper" and t.memory_bank_size:
-    bank = init_memory_bank(t.memory_bank_size, config.model.clip.hidden_size)
-  state = init_sharded_state(model, tx, jax.random.key(config.seed), mesh, config, bank)
+  workdir.mkdir(parents=True, exist_ok=True)
+  task = family.build_task(config, workdir)
+  graphdefs, params, rests = train_step.split_groups(task.modules)
+  optimizers = {g: train_step.make_group_optimizer(params[g], task.optimizers[g]) for g in params}
+  state = init_sharded_state(task, optimizers, jax.random.key(config.seed), mesh, ema=bool(config.train.ema_decay))
   state_sh = shardings_of(state)
-
-  vae_params = nnx.state(vae, nnx.Param)
-  frozen = dict(vae=vae_params, face_model=face_model)
-  frozen_sh = dict(
-    vae=sharding.state_shardings(vae_params, mesh, tuple(config.vae_axis_rules)),
-    face_model=jax.tree.map(lambda _: sharding.replicated(mesh), face_model),
-  )
-  frozen = jax.device_put(frozen, frozen_sh)
-
-  schedule = schedulers.make_noise_schedule(**config.noise_schedule.to_dict())
-  vae_graphdef = nnx.graphdef(vae)
-  clip_size = config.model.clip.image_size
-
-  def prepare(frozen, batch):
-    from mimajax import conditioning
-
-    vae_model = nnx.merge(vae_graphdef, frozen["vae"])
-    return conditioning.model_batch(vae_model, frozen["face_model"], batch, clip_size=clip_size,
-                                    coefficient_dim=config.data.coefficient_dim,
-                                    shading=config.data.render_shading)  # fmt: skip
-
-  loss_fn = lambda m, b, r, bk: training_loss(m, b, r, schedule, bk)
-  step = train_step.make_train_step(graphdef, rest, loss_fn, tx, accumulation_steps=t.accumulation_steps,
-                                    ema_decay=t.ema_decay or None, prepare=prepare)  # fmt: skip
+  frozen, frozen_sh = None, None
+  if task.frozen is not None:
+    frozen_sh = frozen_shardings(task.frozen, task.frozen_rules or {}, mesh)
+    frozen = jax.device_put(task.frozen, frozen_sh)
+  t = config.train
+  step = train_step.make_train_step(graphdefs, task.losses, optimizers, rests=rests,
+                                    accumulation_steps=t.accumulation_steps, ema_decay=t.ema_decay or None,
+                                    prepare=task.prepare, update_extra=task.update_extra)  # fmt: skip
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)  # fmt: skip
-  iterator = _loader(config)
   latest = ckpt.latest_step()
   if latest is not None:
     state, data_state = ckpt.restore(state, state_sh, latest)
     if data_state is not None:
-      iterator.set_state(data_state)
+      task.iterator.set_state(data_state)
     log.info("resumed from %s at step %d", ckpt.directory, latest)
-  elif t.init_from:
-    state = dataclasses.replace(state, params=model_init.init_params_from(t.init_from, state.params, config))
+  elif task.init_params is not None:
+    state = dataclasses.replace(state, params=task.init_params(state.params))
     state = jax.device_put(state, state_sh)
-
-  run = Run(config, mesh, model, state, state_sh, frozen, frozen_sh, vae_graphdef, step, sharding.replicated(mesh),
-            iterator)  # fmt: skip
+  run = Run(config, mesh, task, state, state_sh, frozen, frozen_sh, step, sharding.replicated(mesh), task.iterator)
   return run, ckpt
 
 
-def init_sharded_state(model: MIMAFace, tx, rng, mesh, config, bank=None) -> train_step.TrainState:
-  """The TrainState laid out on the mesh: parameters by their component's logical rules, optimizer moments
-  and EMA by propagation from the parameters (tx.init under jit), counters, rng and memory bank replicated."""
-  rules = {"unet": tuple(config.unet_axis_rules), "clip": tuple(config.clip_axis_rules),
-           "mia": tuple(config.clip_axis_rules)}  # fmt: skip
-  params = nnx.state(model, nnx.Param)
-  param_sh = sharding.state_shardings(params, mesh, rules)
-  params = jax.device_put(params, param_sh)
+def frozen_shardings(frozen: dict, rules: dict, mesh) -> dict:
+  """Each frozen part laid out by its rules (nnx States), or replicated when it has none."""
   rep = sharding.replicated(mesh)
-  ema = config.train.ema_decay
-  opt_sh = like_params(jax.eval_shape(tx.init, params), params, rep)
+  return {
+    k: sharding.state_shardings(v, mesh, rules[k]) if rules.get(k) is not None else jax.tree.map(lambda _: rep, v)
+    for k, v in frozen.items()
+  }
+
+
+def init_sharded_state(task: families.Task, optimizers, rng, mesh, *, ema: bool = False) -> train_step.TrainState:
+  """The TrainState laid out on the mesh: each group's parameters by its logical rules, its optimizer moments
+  and EMA like the parameters (tx.init under jit with explicit out_shardings), counters, rng and extra replicated."""
+  _, params, rests = train_step.split_groups(task.modules)
+  buffers = train_step.carried(rests)
+  rep = sharding.replicated(mesh)
+  param_sh = {g: sharding.state_shardings(params[g], mesh, task.axis_rules[g]) for g in params}
+  params = jax.device_put(params, param_sh)
+  opt_state = {}
+  for g, tx in optimizers.items():
+    opt_sh = like_params(jax.eval_shape(tx.init, params[g]), params[g], rep)
+    opt_state[g] = jax.jit(tx.init, out_shardings=opt_sh)(params[g])
   return train_step.TrainState(
     step=jax.device_put(jnp.zeros((), jnp.int32), rep),
     params=params,
-    opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
+    opt_state=opt_state,
     rng=jax.device_put(rng, rep),
-    bank=jax.device_put(bank, rep) if bank is not None else None,
+    extra=jax.device_put(task.extra, rep) if task.extra is not None else None,
     ema_params=jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params) if ema else None,
+    buffers=jax.device_put(
+      buffers, {g: sharding.state_shardings(b, mesh, task.axis_rules[g]) for g, b in buffers.items()}
+    )
+    if buffers
+    else None,  # fmt: skip
   )
 
 
@@ -213,19 +174,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
   workdir = Path(workdir)
   if config.distributed:
     jax.distributed.initialize()
-  checkpointing.write_config(workdir, config)
   run, ckpt = setup(config, workdir)
+  checkpointing.write_config(workdir, config)  # after the setup's checks and restore: a failed start changes nothing
   state = run.state
   start = int(jax.device_get(state.step))
   total = config.total_steps
+  task = run.task
   reporter = train_metrics.Reporter(workdir, config, start=start, total=total)
   preempt = checkpointing.PreemptionFlag().install()
   compiled = None
   step = start
   try:
     while step < total:
-      host = _host_batch(next(run.iterator))
-      batch = {k: _to_global(v, run.mesh) for k, v in host.items()}
+      host = _host_batch(next(run.iterator), task.batch_keys)
+      batch = sharding.to_global(host, run.mesh)
       if compiled is None:
         shardings = {k: v.sharding for k, v in batch.items()}
         jitted = train_step.jit_train_step(run.step_fn, run.state_shardings, shardings, run.metrics_sharding,
@@ -239,24 +201,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
         ckpt.wait()  # the last good checkpoint stays the newest
         raise
       step += 1
-      reporter.step(step, metrics, images=config.data.batch_size * config.data.num_frames)
+      reporter.step(step, metrics, images=task.images_per_step)
       stop = preempt.reached(step)
       ckpt.save(step, state, run.iterator.get_state(), force=stop or step == total)
       if stop:
         log.warning("preempted (SIGTERM): saved step %d to %s", step, ckpt.directory)
         break
-      if config.sample.every_steps and (step % config.sample.every_steps == 0 or step == total):
-        train_metrics.write_samples(workdir, step, run, state, host)
+      every = config.sample.every_steps if "sample" in config else 0
+      if task.write_samples is not None and every and (step % every == 0 or step == total):
+        if jax.process_index() == 0:
+          task.write_samples(workdir, step, state.ema_params or state.params, run.frozen, host)
   finally:
     preempt.uninstall()
     ckpt.close()
     reporter.close()
   return state
-
-
-def _to_global(x: np.ndarray, mesh) -> jax.Array:
-  spec = sharding.batch_sharding(mesh, np.ndim(x))
-  return jax.make_array_from_process_local_data(spec, np.asarray(x))
 
 
 # ----------------------------------------------------------------------------- command line

@@ -1,9 +1,11 @@
-"""One pure, jitted training step: trainable masks, AdamW, clipping, accumulation, EMA, identity bank.
+"""One pure, jitted training step over named parameter groups: trainable masks, AdamW, clipping, accumulation, EMA.
 
-The state is a plain pytree (`TrainState`), donated to the step and sharded by the logical rules;
-the step's randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an
-uninterrupted one would. A non-finite loss or gradient leaves the state unchanged and is reported
-in the metrics (`finite`), so the caller can stop with the last good state in hand.
+The state is a plain pytree (`TrainState`), donated to the step and sharded by the logical rules. It
+holds named parameter groups (one for MIMAFace, a generator and a discriminator for a GAN), each with
+its own optimizer state, plus the family's `extra` state (MIMAFace's identity memory bank). The step's
+randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted one would. A
+non-finite loss or gradient in any group leaves the whole state unchanged and is reported in the
+metrics (`finite`), so the caller can stop with the last good state in hand.
 """
 
 from __future__ import annotations
@@ -17,20 +19,19 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mimajax.mimaface.memory_bank import MemoryBank, enqueue
-
-LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array, MemoryBank | None], tuple[jax.Array, dict]]
+from mimajax.families import LossFn
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TrainState:
   step: jax.Array  # int32 scalar
-  params: nnx.State  # every nnx.Param of the model (trainable and frozen)
-  opt_state: Any  # optimizer state of the trainable parameters only
+  params: dict[str, nnx.State]  # per group: every nnx.Param of its module (trainable and frozen)
+  opt_state: dict[str, Any]  # per group: optimizer state of its trainable parameters only
   rng: jax.Array  # the run's base key; step keys are fold_in(rng, step)
-  bank: MemoryBank | None = None  # identity memory bank (paper variant)
-  ema_params: nnx.State | None = None
+  extra: Any = None  # the family's own state (e.g. the identity memory bank)
+  ema_params: dict[str, nnx.State] | None = None
+  buffers: dict[str, nnx.State] | None = None  # per group with any: non-parameter variables (BatchNorm statistics)
 
 
 def path_string(path: Sequence[Any]) -> str:
@@ -78,16 +79,32 @@ def make_optimizer(
   return optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, label_tree)
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, rng: jax.Array, *, bank: MemoryBank | None = None,
-               ema: bool = False) -> TrainState:  # fmt: skip
-  params = nnx.state(model, nnx.Param)
+def split_groups(modules: Mapping[str, nnx.Module]) -> tuple[dict, dict, dict]:
+  """(graphdefs, parameters, other variables) by group."""
+  graphdefs, params, rests = {}, {}, {}
+  for name, module in modules.items():
+    graphdefs[name], params[name], rests[name] = nnx.split(module, nnx.Param, ...)
+  return graphdefs, params, rests
+
+
+def carried(rests: Mapping[str, nnx.State]) -> dict[str, nnx.State]:
+  """The groups whose non-parameter variables (BatchNorm statistics) change in training: the state carries them."""
+  return {g: r for g, r in rests.items() if jax.tree.leaves(r)}
+
+
+def init_state(modules: Mapping[str, nnx.Module], optimizers: Mapping[str, optax.GradientTransformation],
+               rng: jax.Array, *, extra: Any = None, ema: bool = False) -> TrainState:  # fmt: skip
+  """The state of a fresh run, unsharded (the loop lays it out on the mesh with `train.init_sharded_state`)."""
+  _, params, rests = split_groups(modules)
+  buffers = carried(rests)
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    opt_state=tx.init(params),
+    opt_state={g: optimizers[g].init(params[g]) for g in params},
     rng=rng,
-    bank=bank,
+    extra=extra,
     ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+    buffers=buffers or None,
   )
 
 
@@ -100,55 +117,87 @@ def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]
   return {k: split(v) for k, v in batch.items()}
 
 
+def _join_micro(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-micro-batch aux (leading axis n) -> one batch's: scalars averaged, arrays (per-sample) concatenated."""
+  return {k: (v.mean(0) if v.ndim == 1 else v.reshape(-1, *v.shape[2:])) for k, v in aux.items()}
+
+
 def make_train_step(
-  graphdef: nnx.GraphDef,
-  rest: nnx.State,
-  loss_fn: LossFn,
-  tx: optax.GradientTransformation,
+  graphdefs: Mapping[str, nnx.GraphDef],
+  losses: Mapping[str, LossFn],
+  optimizers: Mapping[str, optax.GradientTransformation],
   *,
+  rests: Mapping[str, nnx.State] | None = None,
   accumulation_steps: int = 1,
   ema_decay: float | None = None,
   prepare: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]] | None = None,
+  update_extra: Callable[[Any, Mapping[str, dict], Mapping[str, jax.Array]], Any] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
   """(state, batch[, frozen]) -> (state, metrics); jit it with `jit_train_step`.
 
-  `prepare(frozen, batch)` turns the loader's batch into the model's inside the step (e.g. the frozen
-  VAE encoding frames and the renderer drawing I_R); `frozen` is passed as an argument, not closed
-  over, so large frozen weights are sharded inputs rather than constants baked into the program.
+  Group g's gradient is that of `losses[g]` with respect to g's parameters, every group seeing the
+  step's starting parameters of the others. `prepare(frozen, batch)` turns the loader's batch into the
+  model's inside the step (e.g. a frozen VAE encoding frames); `frozen` is an argument, not closed over,
+  so large frozen weights are sharded inputs rather than constants baked into the program. `rests`
+  are the groups' non-parameter variables that are not carried in the state (empty ones).
+  `update_extra(extra, aux by group, batch)` advances the family's extra state.
+  Metrics: `loss`, `grad_norm` and the scalar aux of a single group; `<group>/...` with several.
   """
+  groups = tuple(graphdefs)
+  rests = dict(rests or {})
 
-  def grads_of(params, batch, rng, bank):
+  def modules_of(params, buffers):
+    # Fresh Variable objects in the current trace (tree.map rebuilds them): BatchNorm may update its statistics.
+    fresh = lambda tree: jax.tree.map(lambda x: x, tree)
+    return {h: nnx.merge(graphdefs[h], params[h], fresh(buffers[h]) if h in buffers else rests[h]) for h in groups}
+
+  def grads_of(group, state, batch, rng):
+    buffers = state.buffers or {}
+
     def objective(p):
-      return loss_fn(nnx.merge(graphdef, p, rest), batch, rng, bank)
+      modules = modules_of({**state.params, group: p}, buffers)
+      loss, aux = losses[group](modules, batch, rng, state.extra)
+      new_buffers = nnx.state(modules[group], nnx.Not(nnx.Param)) if group in buffers else None
+      return loss, (aux, new_buffers)
 
-    return jax.value_and_grad(objective, has_aux=True)(params)
+    return jax.value_and_grad(objective, has_aux=True)(state.params[group])
 
-  def step(state: TrainState, batch: Mapping[str, jax.Array], frozen: Any = None):
-    rng = jax.random.fold_in(state.rng, state.step)
-    if prepare is not None:
-      batch = prepare(frozen, batch)
+  def group_step(group, state, batch, rng):
     if accumulation_steps == 1:
-      (loss, aux), grads = grads_of(state.params, batch, rng, state.bank)
+      (loss, (aux, buffers)), grads = grads_of(group, state, batch, rng)
     else:
       micro = _split_micro(batch, accumulation_steps)
 
       def body(carry, xs):
         i, mb = xs
-        (l, a), g = grads_of(state.params, mb, jax.random.fold_in(rng, i), state.bank)
-        return jax.tree.map(jnp.add, carry, (l, g)), a
+        (l, (a, b)), g = grads_of(group, state, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (l, g)), (a, b)
 
-      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-      (loss, grads), auxs = jax.lax.scan(body, zeros, (jnp.arange(accumulation_steps), micro))
+      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params[group]))
+      (loss, grads), (auxs, buffers) = jax.lax.scan(body, zeros, (jnp.arange(accumulation_steps), micro))
       loss, grads = loss / accumulation_steps, jax.tree.map(lambda g: g / accumulation_steps, grads)
-      aux = {k: (v.reshape(-1, *v.shape[2:]) if k == "e_id" else v.mean(0)) for k, v in auxs.items()}
+      aux = _join_micro(auxs)
+      buffers = None if buffers is None else jax.tree.map(lambda x: x[-1], buffers)  # after the last micro-batch
+    updates, opt_state = optimizers[group].update(grads, state.opt_state[group], state.params[group])
+    params = optax.apply_updates(state.params[group], updates)
+    return loss, aux, params, opt_state, buffers, optax.tree.norm(grads)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    bank = state.bank
-    if bank is not None and "e_id" in aux and "identity" in batch:
-      bank = enqueue(bank, aux["e_id"], batch["identity"])  # the global batch: every replica enqueues the same
+  def step(state: TrainState, batch: Mapping[str, jax.Array], frozen: Any = None):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if prepare is not None:
+      batch = prepare(frozen, batch)
+    params, opt_state, buffers, auxs, metrics = {}, {}, dict(state.buffers or {}), {}, {}
+    finite = jnp.bool_(True)
+    for group in groups:  # every group from the step's starting state
+      loss, aux, params[group], opt_state[group], new_buffers, grad_norm = group_step(group, state, batch, rng)
+      if new_buffers is not None:
+        buffers[group] = new_buffers
+      auxs[group] = aux
+      finite = finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      prefix = "" if len(groups) == 1 else f"{group}/"
+      metrics.update({f"{prefix}{k}": v for k, v in aux.items() if jnp.ndim(v) == 0})
+      metrics.update({f"{prefix}loss": loss, f"{prefix}grad_norm": grad_norm})
+    extra = state.extra if update_extra is None else update_extra(state.extra, auxs, batch)
     ema = state.ema_params
     if ema is not None:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
@@ -159,24 +208,21 @@ def make_train_step(
       params=keep(params, state.params),
       opt_state=keep(opt_state, state.opt_state),
       rng=state.rng,
-      bank=keep(bank, state.bank),
+      extra=keep(extra, state.extra),
       ema_params=keep(ema, state.ema_params),
+      buffers=keep(buffers, state.buffers) if state.buffers else None,
     )
-    metrics = {k: v for k, v in aux.items() if k != "e_id" and jnp.ndim(v) == 0}
-    metrics.update(loss=loss, grad_norm=grad_norm, finite=finite)
+    metrics["finite"] = finite
     return new, metrics
 
   return step
 
 
 def jit_train_step(step_fn, state_shardings, batch_shardings, metrics_sharding, frozen_shardings=None):
-  """The step compiled once with explicit shardings, the state donated."""
-  in_shardings = (state_shardings, batch_shardings)
-  if frozen_shardings is not None:
-    in_shardings += (frozen_shardings,)
+  """The step compiled once with explicit shardings, the state donated; called as (state, batch, frozen)."""
   return jax.jit(
     step_fn,
-    in_shardings=in_shardings,
+    in_shardings=(state_shardings, batch_shardings, frozen_shardings),
     out_shardings=(state_shardings, metrics_sharding),
     donate_argnums=(0,),
   )
@@ -190,3 +236,11 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
   raise FloatingPointError(
     f"non-finite values at step {step} in {bad or ['gradients']}; the state was left at the last good step"
   )
+
+
+def make_group_optimizer(params: nnx.State, config) -> optax.GradientTransformation:
+  """A group's optimizer from its `families.OptimizerConfig` (no `trainable` patterns: every parameter trains)."""
+  labels = trainable_labels(params, list(config.trainable) or [".*"])
+  return make_optimizer(labels, learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                        weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                        max_grad_norm=config.max_grad_norm or None)  # fmt: skip

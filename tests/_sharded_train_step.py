@@ -15,9 +15,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_mimaface import _batch  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from mimajax import sharding, train, train_step  # noqa: E402
+from mimajax import families, sharding, train, train_step  # noqa: E402
 from mimajax.diffusion import schedulers  # noqa: E402
 from mimajax.mimaface import factory as mimaface_factory  # noqa: E402
+from mimajax.mimaface import family  # noqa: E402
 from mimajax.mimaface.memory_bank import init_memory_bank  # noqa: E402
 from mimajax.mimaface.model import training_loss  # noqa: E402
 
@@ -27,15 +28,24 @@ def run(mesh_shape, devices):
   config.model.attention_impl = "xla"
   model = mimaface_factory.build_mimaface(config.model, stage=1, rngs=nnx.Rngs(0))
   mesh = sharding.make_mesh(mesh_shape, devices)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  labels = train_step.trainable_labels(params, ["^unet/", "^mia/", "^clip/"])
-  tx = train_step.make_optimizer(labels, learning_rate=1e-3)
-  bank = init_memory_bank(16, config.model.clip.hidden_size)
-  # The training loop's own layout: parameters by the rules, moments by propagation from them.
-  state = train.init_sharded_state(model, tx, jax.random.key(0), mesh, config, bank)
   schedule = schedulers.make_noise_schedule()
-  loss_fn = lambda m, b, r, bank: training_loss(m, b, r, schedule, bank)
-  step = train_step.make_train_step(graphdef, rest, loss_fn, tx)
+  loss_fn = lambda mods, b, r, bank: training_loss(mods["model"], b, r, schedule, bank)
+  # The MIMAFace task as the family builds it (its axis rules and bank update), on a synthetic batch.
+  task = families.Task(
+    modules={"model": model},
+    losses={"model": loss_fn},
+    optimizers={"model": families.OptimizerConfig(learning_rate=1e-3, trainable=("^unet/", "^mia/", "^clip/"))},
+    axis_rules={"model": family.axis_rules(config)},
+    iterator=None,
+    images_per_step=8,
+    extra=init_memory_bank(16, config.model.clip.hidden_size),
+    update_extra=family.update_memory_bank,
+  )
+  graphdefs, params, rests = train_step.split_groups(task.modules)
+  optimizers = {"model": train_step.make_group_optimizer(params["model"], task.optimizers["model"])}
+  # The training loop's own layout: parameters by the rules, moments like the parameters.
+  state = train.init_sharded_state(task, optimizers, jax.random.key(0), mesh)
+  step = train_step.make_train_step(graphdefs, task.losses, optimizers, rests=rests, update_extra=task.update_extra)
   state_sh = train.shardings_of(state)
   batch = _batch(model, b=8)
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
@@ -43,15 +53,15 @@ def run(mesh_shape, devices):
   jitted = train_step.jit_train_step(step, state_sh, batch_sh, metrics_sh)
   batch = jax.device_put(batch, batch_sh)
   for _ in range(2):
-    state, metrics = jitted(state, batch)
-  flat = {train_step.path_string(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
-  specs = {train_step.path_string(p): str(v[...].sharding.spec) for p, v in nnx.to_flat_state(state.params)}
+    state, metrics = jitted(state, batch, None)
+  flat = {train_step.path_string(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params["model"])}
+  specs = {train_step.path_string(p): str(v[...].sharding.spec) for p, v in nnx.to_flat_state(state.params["model"])}
   # Adam's first moments of the trainable parameters must be laid out like the parameters themselves.
-  mu = state.opt_state.inner_states["train"].inner_state[1][0].mu
+  mu = state.opt_state["model"].inner_states["train"].inner_state[1][0].mu
   moment_specs = {train_step.path_string(p): str(v[...].sharding.spec) for p, v in nnx.to_flat_state(mu)
                   if hasattr(v[...], "sharding")}  # fmt: skip
   specs_match = all(moment_specs[k] == specs[k] for k in moment_specs) and len(moment_specs) > 100
-  return flat, specs, float(metrics["loss"]), np.asarray(state.bank.tokens), specs_match
+  return flat, specs, float(metrics["loss"]), np.asarray(state.extra.tokens), specs_match
 
 
 if __name__ == "__main__":

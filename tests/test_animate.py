@@ -272,7 +272,6 @@ def _mediapipe_or_skip():
 @pytest.fixture
 def cli(tmp_path, monkeypatch):
   """run(argv) with the stand-in model (and the landmark face model) behind --checkpoint, and a source portrait."""
-  from mimajax import checkpointing
   from mimajax.face3d.landmark_model import landmark_face_model
 
   (tmp_path / "out").mkdir()
@@ -283,7 +282,7 @@ def cli(tmp_path, monkeypatch):
   inference = _inference()
   inference.face_model = landmark_face_model()
   samplers = []
-  monkeypatch.setattr(checkpointing, "load_inference", lambda path, **kw: inference)
+  monkeypatch.setattr(animate, "load_inference", lambda path, **kw: inference)
   monkeypatch.setattr(animate, "ClipSampler", lambda *a, **kw: samplers.append(SpySampler()) or samplers[-1])
 
   def run(**kw):

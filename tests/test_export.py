@@ -13,7 +13,8 @@ from configs import tiny
 from mimajax.convert.animatediff_format import load_animatediff_checkpoint
 from mimajax.convert.sd_single_file import load_models
 from mimajax.face3d import synthetic_model
-from mimajax.mimaface import export
+from mimajax.mimaface import export, ica
+from mimajax.mimaface.inference import load_inference
 from mimajax.parity.mimaface import build_random
 
 
@@ -59,7 +60,9 @@ def test_export_layout_index_and_config(video):
   index = json.loads((video.folder / "model_index.json").read_text())
   assert index["unet"] == ["diffusers", "UNetMotionModel"] and index["mia"][1] == "MotionIdentityAdapter"
   config = json.loads((video.folder / "mimaface_config.json").read_text())
-  assert config["inference"]["ica_frames"] == 3 and config["inference"]["scheduler"] == "ddim"
+  # k as animate uses it for the checkpoint: the one rule (F // 4 for F = 16 frames)
+  assert config["inference"]["ica_frames"] == ica.inference_overlap(16) == 4
+  assert config["inference"]["scheduler"] == "ddim"
   assert export.config_from_dict(config) == video.model.config
   assert not list(video.folder.parent.glob(".*"))  # no temporary folder left beside it
 
@@ -97,12 +100,12 @@ def test_pytorch_loads_every_part_strictly(video):
 
 
 def test_round_trip_into_jax_is_bit_exact(video):
-  back = export.load_export(video.folder, attention_impl="xla")
+  back = load_inference(video.folder, attention_impl="xla")
   assert back.model.config == video.model.config
   _assert_same_params(back.model, video.model)
   _assert_same_params(back.vae, video.vae)
   np.testing.assert_array_equal(back.face_model.mean_shape, video.face.mean_shape)
-  assert (back.num_frames, back.ica_frames, back.sampler.num_inference_steps) == (16, 3, 25)
+  assert (back.num_frames, back.ica_frames, back.sampler.num_inference_steps) == (16, 4, 25)
 
   # The single files: the spatial U-Net + VAE with LDM keys, the motion modules as AnimateDiff writes them.
   spatial = video.model.unet.spatial_unet()
@@ -134,7 +137,7 @@ def test_a_folder_missing_a_weight_is_refused_by_both_readers(video, tmp_path):
   with pytest.raises(RuntimeError, match="motion_attn.to_out.bias"):  # torch's load_state_dict(strict=True)
     MIMAFacePipeline.from_pretrained(folder)
   with pytest.raises(CheckpointKeyError, match="motion_attn.to_out.bias"):
-    export.load_export(folder)
+    load_inference(folder)
   drop(folder / "unet" / "diffusion_pytorch_model.safetensors", "conv_in.bias")
   with pytest.raises(ValueError, match="conv_in.bias"):  # diffusers would initialise it at random and warn
     MIMAFacePipeline.from_pretrained(folder)
@@ -148,7 +151,7 @@ def test_stage1_export_writes_an_image_unet(tmp_path):
   assert not (folder / "sd_single_file").exists() and not (folder / "face_model.npz").exists()
   _, info = UNet2DConditionModel.from_pretrained(folder / "unet", output_loading_info=True, low_cpu_mem_usage=False)
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-  back = export.load_export(folder)
+  back = load_inference(folder)
   assert not back.model.config.video and back.ica_frames == 0
   _assert_same_params(back.model, model)
 
@@ -175,7 +178,7 @@ def test_export_is_atomic_and_refuses_an_existing_folder(video, tmp_path, monkey
 
 
 def test_export_command_loads_the_checkpoint_and_writes_the_folder(video, tmp_path, monkeypatch):
-  from mimajax import checkpointing
+  from mimajax.mimaface import export_command, inference
 
   config = tiny.get_config("2")
   calls = []
@@ -185,15 +188,15 @@ def test_export_command_loads_the_checkpoint_and_writes_the_folder(video, tmp_pa
     return types.SimpleNamespace(model=video.model, vae=video.vae, face_model=video.face, schedule=None,
                                  config=config, resolution=32, num_frames=4, ica_frames=1)  # fmt: skip
 
-  monkeypatch.setattr(checkpointing, "load_inference", load_inference, raising=False)
+  monkeypatch.setattr(inference, "load_inference", load_inference)
   parser = argparse.ArgumentParser()
-  export.add_arguments(parser)
+  export_command.add_arguments(parser)
   out = tmp_path / "export"
   args = parser.parse_args(["--checkpoint", "runs/tiny", "--out", str(out), "--no-single-file", "--no-ema"])
-  assert export.run(args) == 0
+  assert export_command.run(args) == 0
   assert calls == [("runs/tiny", False, None)]
   inference = json.loads((out / "mimaface_config.json").read_text())["inference"]
   assert (inference["resolution"], inference["num_frames"], inference["ica_frames"]) == (32, 4, 1)
   assert inference["num_inference_steps"] == config.sample.num_inference_steps
   assert not (out / "sd_single_file").exists() and (out / "training_config.json").is_file()
-  assert export.run(args) == 2  # exists: refused without --overwrite
+  assert export_command.run(args) == 2  # exists: refused without --overwrite

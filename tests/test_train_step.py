@@ -24,20 +24,26 @@ class TinyRegressor(nnx.Module):
     return self.head(jnp.tanh(self.encoder(x)))
 
 
-def mse(model, batch, rng, bank):
-  del rng, bank
-  loss = jnp.mean((model(batch["x"])[:, 0] - batch["y"]) ** 2)
+def mse(modules, batch, rng, extra):
+  del rng, extra
+  loss = jnp.mean((modules["model"](batch["x"])[:, 0] - batch["y"]) ** 2)
   return loss, {"mse": loss}
 
 
-def _setup(patterns, accumulation_steps=1, lr=1e-2, max_grad_norm=None):
-  model = TinyRegressor(nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = train_step.make_optimizer(train_step.trainable_labels(params, patterns), learning_rate=lr,
+def _step_for(loss_fn, patterns, *, seed=0, accumulation_steps=1, lr=1e-2, max_grad_norm=None):
+  modules = {"model": TinyRegressor(nnx.Rngs(0))}
+  graphdefs, params, rests = train_step.split_groups(modules)
+  tx = train_step.make_optimizer(train_step.trainable_labels(params["model"], patterns), learning_rate=lr,
                                  max_grad_norm=max_grad_norm, weight_decay=0.0)  # fmt: skip
-  state = train_step.init_state(model, tx, jax.random.key(0))
-  step = jax.jit(train_step.make_train_step(graphdef, rest, mse, tx, accumulation_steps=accumulation_steps))
+  state = train_step.init_state(modules, {"model": tx}, jax.random.key(seed))
+  step = train_step.make_train_step(graphdefs, {"model": loss_fn}, {"model": tx}, rests=rests,
+                                    accumulation_steps=accumulation_steps)  # fmt: skip
   return state, step
+
+
+def _setup(patterns, accumulation_steps=1, lr=1e-2, max_grad_norm=None):
+  state, step = _step_for(mse, patterns, accumulation_steps=accumulation_steps, lr=lr, max_grad_norm=max_grad_norm)
+  return state, jax.jit(step)
 
 
 def _batch(n=8, seed=0):
@@ -46,7 +52,7 @@ def _batch(n=8, seed=0):
 
 
 def _flat(params):
-  return {train_step.path_string(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(params)}
+  return {train_step.path_string(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(params["model"])}
 
 
 def test_frozen_parameters_do_not_move_and_have_no_optimizer_state():
@@ -103,15 +109,11 @@ def test_step_rng_is_fold_in_of_the_step():
   """Resuming from a saved state continues the exact random stream (the key depends only on rng and step)."""
   seen = []
 
-  def record(model, batch, rng, bank):
+  def record(modules, batch, rng, extra):
     seen.append(rng)
-    return mse(model, batch, rng, bank)
+    return mse(modules, batch, rng, extra)
 
-  model = TinyRegressor(nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = train_step.make_optimizer(train_step.trainable_labels(params, [".*"]))
-  state = train_step.init_state(model, tx, jax.random.key(7))
-  step = train_step.make_train_step(graphdef, rest, record, tx)
+  state, step = _step_for(record, [".*"], seed=7)
   state, _ = step(state, _batch())
   state, _ = step(state, _batch())
   assert jnp.array_equal(jax.random.key_data(seen[1]), jax.random.key_data(jax.random.fold_in(jax.random.key(7), 1)))

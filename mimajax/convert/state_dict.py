@@ -9,7 +9,7 @@ checks the whole key set and every shape before anything is written into the mod
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -144,18 +144,52 @@ def key_error(what: str, missing, unexpected, mismatched, assumed: str = "") -> 
   return err
 
 
-def merge_params(abstract_model: nnx.Module, arrays: Mapping[tuple, np.ndarray], dtype=None) -> nnx.Module:
-  """A concrete model from an abstract one (`nnx.eval_shape`) and {param path: array}.
+def check_params(expected: Mapping[tuple, tuple], arrays: Mapping[tuple, Any], where: str, *,
+                 partial: bool = False) -> None:  # fmt: skip
+  """Raises CheckpointKeyError listing every missing (unless `partial`), unexpected and mis-shaped path.
 
-  Every non-parameter variable must have been covered too (SD models have none).
+  `expected` maps parameter paths to shapes; `arrays` maps paths to arrays (or anything with a shape).
+  The one check every loader of parameters uses, so a mismatch reads the same wherever it is found.
+  """
+  found = {tuple(str(k) for k in path): np.shape(v) for path, v in arrays.items()}
+  want = {tuple(str(k) for k in path): tuple(shape) for path, shape in expected.items()}
+  missing = [] if partial else sorted(_dotted(k) for k in want.keys() - found.keys())
+  unexpected = sorted(_dotted(k) for k in found.keys() - want.keys())
+  mismatched = sorted(f"{_dotted(k)}, {want[k]}, {found[k]}" for k in want.keys() & found.keys() if want[k] != found[k])
+  if missing or unexpected or mismatched:
+    raise key_error(where, missing, unexpected, mismatched)
+
+
+def param_shapes(model: nnx.Module) -> dict[tuple, tuple]:
+  """{path: shape} of a module's parameters (works on abstract modules from `nnx.eval_shape`)."""
+  return {
+    tuple(str(k) for k in path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(nnx.state(model))
+  }
+
+
+def merge_params(abstract_model: nnx.Module, arrays: Mapping[tuple, np.ndarray], dtype=None, *,
+                 where: str | None = None) -> nnx.Module:  # fmt: skip
+  """A concrete model from an abstract one (`nnx.eval_shape`) and {variable path: array}, strictly.
+
+  Every variable of the model must be given, with its shape, and nothing else: otherwise
+  CheckpointKeyError lists every missing, unexpected and mis-shaped path and nothing is loaded.
   """
   graphdef, state = nnx.split(abstract_model)
   flat = nnx.to_flat_state(state)
+  by_name = {tuple(str(k) for k in path): v for path, v in arrays.items()}
+  check_params(param_shapes(abstract_model), by_name, where or type(abstract_model).__name__)
   leaves = []
   for path, var in flat:
-    path = tuple(path)
-    if path not in arrays:
-      raise CheckpointKeyError(f"no value for {_dotted(path)} of {type(abstract_model).__name__}")
-    value = jax.numpy.asarray(arrays[path], dtype=dtype or var.dtype)
-    leaves.append((path, var.replace(value)))
+    value = jax.numpy.asarray(by_name[tuple(str(k) for k in path)], dtype=dtype or var.dtype)
+    leaves.append((tuple(path), var.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def update_params(target: nnx.Module, state: nnx.State, where: str) -> None:
+  """Copies `state` (a subset of `target`'s parameters: a pretrained part) into `target` in place.
+
+  Paths `target` lacks and shapes that differ are refused with the same listing as `merge_params`.
+  """
+  arrays = {tuple(str(k) for k in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+  check_params(param_shapes(target), arrays, where, partial=True)
+  nnx.update(target, state)

@@ -31,6 +31,7 @@ from mimajax import video_io
 from mimajax.face3d.coefficient_files import check_coefficients, read_coefficients
 from mimajax.faces import detection
 from mimajax.mimaface import conditioning, driving, ica
+from mimajax.mimaface.inference import load_inference
 from mimajax.mimaface.sampling import SCHEDULERS, ClipSampler, SamplerConfig
 
 IMAGE_BATCH = 8  # frames per batch for a stage-1 (image) model
@@ -346,8 +347,6 @@ def _check_args(args) -> None:
 
 
 def _load_inference(args):
-  from mimajax.checkpointing import load_inference
-
   return load_inference(args.checkpoint, use_ema=not args.no_ema, vae_dir=args.vae, face_model_path=args.face_model)
 
 

@@ -6,34 +6,33 @@ motion modules for stage 2, `UNet2DConditionModel` for stage 1; 13 input channel
 `mimaface_config.json`, `model_index.json`, the face model, and `sd_single_file/` (the spatial U-Net + VAE with
 LDM keys; for stage 2 the motion modules in the original AnimateDiff layout).
 `mimajax.mimaface.pytorch.MIMAFacePipeline`
-runs it; `load_export` reads it back into JAX. The folder is written beside `out_dir` under a temporary name and
-renamed when complete, so a failure leaves no `out_dir`.
+runs it; `mimaface.inference.load_inference` reads it back into JAX. The folder is written beside `out_dir`
+under a temporary name and renamed when complete, so a failure leaves no `out_dir`.
 
-Command: `mimajax export --checkpoint CKPT --out DIR [--no-single-file] [--no-ema] [--overwrite] [--vae DIR]`.
+The command (`mimajax export`) is mimaface/export_command.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import inspect
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mimajax.convert import animatediff_format, clip_format, diffusers_format, sd_single_file
-from mimajax.convert.state_dict import KeyMap, merge_params
+from mimajax.convert.state_dict import KeyMap
+from mimajax.diffusion import schedulers
 from mimajax.errors import CheckpointReadError
-from mimajax.face3d.landmark_model import load_face_model, save_face_model
-from mimajax.mimaface import augment, release_format
-from mimajax.mimaface.mia import MIAConfig, build_mia
+from mimajax.face3d.landmark_model import save_face_model
+from mimajax.mimaface import augment, ica
+from mimajax.mimaface.mia import MIAConfig
 from mimajax.mimaface.model import MIMAFace, MIMAFaceConfig
 from mimajax.mimaface.sampling import SamplerConfig
 from mimajax.models.clip_vision import CLIPVisionConfig
@@ -46,20 +45,6 @@ MIA_WEIGHTS, CONV_IN_WEIGHTS = "mia.safetensors", "conv_in.safetensors"
 SINGLE_FILE_DIR = "sd_single_file"
 SINGLE_FILE_UNET_VAE, SINGLE_FILE_MOTION = "mimaface_unet_vae.safetensors", "mimaface_motion_modules.safetensors"
 CONV_IN_CHANNELS = "noisy 0:4 | render latents 4:8 | ICA latents 8:12 | ICA mask 12:13"
-DEFAULT_ICA_FRAMES = 3  # the release's prev_frame_num
-
-
-@dataclasses.dataclass
-class ExportedModel:
-  """What `load_export` reads back: the model, its VAE and face model, and the inference defaults."""
-
-  model: MIMAFace
-  vae: AutoencoderKL
-  face_model: Any  # MorphableModel or None
-  sampler: SamplerConfig
-  resolution: int
-  num_frames: int
-  ica_frames: int
 
 
 # ----------------------------------------------------------------------------- configs
@@ -101,7 +86,7 @@ def _inference_defaults(model: MIMAFace, config, resolution, num_frames, ica_fra
   )
   frames = num_frames or (data.get("num_frames", 16) if model.config.video else 1)
   if ica_frames is None:
-    ica_frames = min(DEFAULT_ICA_FRAMES, frames - 1) if model.config.video else 0
+    ica_frames = ica.inference_overlap(frames) if model.config.video else 0
   return dict(
     **dataclasses.asdict(sampler),
     resolution=int(resolution or data.get("resolution", 512)),
@@ -111,10 +96,11 @@ def _inference_defaults(model: MIMAFace, config, resolution, num_frames, ica_fra
 
 
 def _noise_schedule(config) -> dict[str, Any]:
-  from configs import common
-
+  """The training config's noise schedule; SD1.5's (make_noise_schedule's defaults) without a config."""
   schedule = config.get("noise_schedule") if config is not None else None
-  schedule = common.noise_schedule() if schedule is None else schedule
+  if schedule is None:
+    defaults = inspect.signature(schedulers.make_noise_schedule).parameters.values()
+    return {p.name: p.default for p in defaults}
   return schedule.to_dict() if hasattr(schedule, "to_dict") else dict(schedule)
 
 
@@ -252,87 +238,3 @@ def export_mimaface(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
-
-
-# ----------------------------------------------------------------------------- reading back
-
-
-def load_export(folder: str | os.PathLike, *, dtype=jnp.float32, attention_impl: str | None = None) -> ExportedModel:
-  """An export folder back into JAX, every part strictly checked (the inverse of `export_mimaface`)."""
-  folder = Path(folder)
-  path = folder / CONFIG_FILE
-  if not path.is_file():
-    raise CheckpointReadError(f"{folder} is not a mimajax export: no {CONFIG_FILE}")
-  try:
-    raw = json.loads(path.read_text())
-    config = config_from_dict(raw)
-  except (OSError, ValueError, TypeError) as e:
-    raise CheckpointReadError(f"cannot read {path}: {e}") from e
-  kw = dict(dtype=dtype, attention_impl=attention_impl)
-  if config.video:
-    unet = animatediff_format.load_unet_motion(folder / "unet", **kw)
-  else:
-    unet = diffusers_format.load_unet(folder / "unet", **kw)
-  clip = clip_format.load_clip_vision(folder / "image_encoder", **kw)
-  mia_state = diffusers_format.read_safetensors(folder / "mia" / MIA_WEIGHTS)
-  abstract = nnx.eval_shape(lambda: build_mia(config.mia, implementation=attention_impl, dtype=dtype, rngs=nnx.Rngs(0)))
-  mia = merge_params(abstract, mia_key_map(abstract).to_flax(mia_state, f"{folder / 'mia' / 'config.json'}"))
-  model = release_format.assemble(config, clip=clip, mia=mia, unet=unet)
-  vae = diffusers_format.load_vae(folder / "vae", **kw)
-  face = folder / FACE_MODEL_FILE
-  inference = raw.get("inference", {})
-  sampler = SamplerConfig(
-    **{f.name: inference[f.name] for f in dataclasses.fields(SamplerConfig) if f.name in inference}
-  )
-  return ExportedModel(
-    model=model,
-    vae=vae,
-    face_model=load_face_model(face) if face.is_file() else None,
-    sampler=sampler,
-    resolution=inference.get("resolution", 512),
-    num_frames=inference.get("num_frames", 16 if config.video else 1),
-    ica_frames=inference.get("ica_frames", 0),
-  )
-
-
-# ----------------------------------------------------------------------------- command
-
-
-def add_arguments(parser) -> None:
-  parser.add_argument("--checkpoint", required=True, help="training workdir, checkpoint step folder or release folder")
-  parser.add_argument("--out", required=True, help="export folder to create (docs/export_layout.md)")
-  parser.add_argument("--no-single-file", action="store_true", help="skip the SD / AnimateDiff single files")
-  parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or not")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-  parser.add_argument("--vae", default=None, help="diffusers VAE folder (release folders hold none)")
-  parser.add_argument("--face-model", default=None, help="face model .npz / BFM .mat (default: the checkpoint's)")
-
-
-def run(args) -> int:
-  """`mimajax export`: load_inference(--checkpoint) -> export_mimaface(--out); exit code."""
-  from mimajax import checkpointing
-
-  try:
-    inf = checkpointing.load_inference(args.checkpoint, use_ema=args.ema, vae_dir=args.vae,
-                                       face_model_path=args.face_model)  # fmt: skip
-  except (CheckpointReadError, FileNotFoundError) as e:
-    print(f"cannot load {args.checkpoint}: {e}", file=sys.stderr)
-    return 2
-  try:
-    out = export_mimaface(
-      inf.model,
-      inf.vae,
-      args.out,
-      config=inf.config,
-      face_model=inf.face_model,
-      overwrite=args.overwrite,
-      single_file=not args.no_single_file,
-      resolution=inf.resolution,
-      num_frames=inf.num_frames,
-      ica_frames=inf.ica_frames,
-    )
-  except FileExistsError as e:
-    print(str(e), file=sys.stderr)
-    return 2
-  print(f"exported {args.checkpoint} to {out}")
-  return 0

@@ -87,3 +87,20 @@ def widen_unet_input(unet: UNet2DConditionModel, in_channels: int = INPUT_CHANNE
       value = widen_conv_in(value, in_channels)
     leaves.append((path, var.replace(value)))
   return nnx.merge(new_graphdef, nnx.from_flat_state(leaves))
+
+
+# The release's infer_video.py: each clip starts from the previous clip's last 3 latents (prev_frame_num).
+RELEASE_OVERLAP = 3
+
+
+def inference_overlap(num_frames: int, *, release: bool = False) -> int:
+  """k at inference: how many of the previous clip's last latents each clip after the first conditions on.
+
+  The one rule `animate`, `export` and the sampler defaults share. Paper checkpoints: F // 4, the largest
+  k their training drew (eq. 3), at least 1; the release's folders: its prev_frame_num (3). Images: 0.
+  """
+  if num_frames <= 1:
+    return 0
+  if release:
+    return min(RELEASE_OVERLAP, num_frames - 1)
+  return max(1, num_frames // 4)

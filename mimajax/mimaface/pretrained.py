@@ -17,16 +17,26 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from mimajax import checkpointing
+from mimajax.convert import animatediff_format, clip_format, diffusers_format
+from mimajax.convert.state_dict import update_params
 from mimajax.errors import CheckpointReadError
 from mimajax.face3d.landmark_model import load_face_model, save_face_model
 from mimajax.face3d.morphable_model import MorphableModel
 from mimajax.face3d.synthetic import synthetic_model
 from mimajax.mimaface import factory as mimaface_factory
+from mimajax.mimaface import ica
 from mimajax.mimaface.model import MIMAFace
 from mimajax.models import factory, remat
+from mimajax.models.unet_motion import MOTION_PARAMS
 from mimajax.models.vae import AutoencoderKL
 
 log = logging.getLogger(__name__)
+
+# Kept in a MIMAFace workdir beside the checkpoints, for inference: a VAE that was not read from a pretrained
+# folder (random, e.g. tiny) and the morphable model the renders were drawn with.
+VAE_DIR = "vae"
+FACE_MODEL_FILE = "face_model.npz"
 
 
 def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, AutoencoderKL]:
@@ -40,11 +50,9 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, Autoencod
     vae = _stage1_vae(config) or factory.build_vae(m, rngs=nnx.Rngs(config.seed + 1))  # its own stream: the
     # same random VAE for a seed whatever else is built (stage 2 must see stage 1's latent space)
   if m.clip_pretrained:
-    from mimajax.convert import clip_format
-
     clip = clip_format.load_clip_vision(m.clip_pretrained, dtype=factory.compute_dtype(m.dtype),
                                         attention_impl=m.attention_impl)  # fmt: skip
-    _update_checked(model.clip, nnx.state(clip, nnx.Param), f"CLIP {m.clip_pretrained}")
+    update_params(model.clip, nnx.state(clip, nnx.Param), f"CLIP {m.clip_pretrained}")
   if config.stage == 2 and m.motion_pretrained:
     _load_motion(model, m)
   remat.set_remat(model.unet, m.remat)
@@ -53,13 +61,10 @@ def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, Autoencod
 
 def _stage1_vae(config: ml_collections.ConfigDict) -> AutoencoderKL | None:
   """The VAE a stage-1 run (config.train.init_from) trained with, when it kept one (random VAEs are kept)."""
-  from mimajax import checkpointing
-  from mimajax.convert import diffusers_format
-
   if not config.train.init_from:
     return None
   workdir = checkpointing.step_folder(config.train.init_from).parent.parent
-  folder = workdir / checkpointing.VAE_DIR
+  folder = workdir / VAE_DIR
   if not folder.is_dir():
     return None
   m = config.model
@@ -68,37 +73,21 @@ def _stage1_vae(config: ml_collections.ConfigDict) -> AutoencoderKL | None:
 
 def keep_vae(vae: AutoencoderKL, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
   """A VAE not read from a pretrained folder (random, e.g. tiny) is saved as workdir/vae/ for inference."""
-  from mimajax import checkpointing
   from mimajax.convert import diffusers_format
 
-  folder = Path(workdir) / checkpointing.VAE_DIR
+  folder = Path(workdir) / VAE_DIR
   if config.model.pretrained or folder.exists() or jax.process_index() != 0:
     return
   diffusers_format.save_vae(vae, folder)
 
 
-def _update_checked(target: nnx.Module, state: nnx.State, where: str) -> None:
-  """Copies `state` into `target`, refusing any path or shape the target does not have."""
-  expected = {p: np.shape(v[...]) for p, v in nnx.to_flat_state(nnx.state(target, nnx.Param))}
-  bad = [
-    (p, np.shape(v[...]), expected.get(p)) for p, v in nnx.to_flat_state(state) if expected.get(p) != np.shape(v[...])
-  ]
-  if bad:
-    lines = "\n".join(f"  {'/'.join(map(str, p))}: found {s}, expected {e}" for p, s, e in bad[:20])
-    raise CheckpointReadError(f"{where} does not fit the configured model ({len(bad)} mismatches):\n{lines}")
-  nnx.update(target, state)
-
-
 def _load_sd(model: MIMAFace, m: ml_collections.ConfigDict) -> AutoencoderKL:
-  from mimajax.convert import diffusers_format
-  from mimajax.mimaface import ica
-
   kw = dict(dtype=factory.compute_dtype(m.dtype), attention_impl=m.attention_impl)
   root = Path(m.pretrained)
   unet = diffusers_format.load_unet(root / "unet" if (root / "unet").is_dir() else root, **kw)
   if unet.config.in_channels != ica.INPUT_CHANNELS:
     unet = ica.widen_unet_input(unet)
-  _update_checked(model.unet, nnx.state(unet, nnx.Param), f"SD U-Net {root}")
+  update_params(model.unet, nnx.state(unet, nnx.Param), f"SD U-Net {root}")
   vae_dir = root / "vae"
   if not vae_dir.is_dir():
     raise CheckpointReadError(f"config.model.pretrained={root} has no vae/ folder (a diffusers SD pipeline folder)")
@@ -106,27 +95,22 @@ def _load_sd(model: MIMAFace, m: ml_collections.ConfigDict) -> AutoencoderKL:
 
 
 def _load_motion(model: MIMAFace, m: ml_collections.ConfigDict) -> None:
-  from mimajax.convert import animatediff_format
-  from mimajax.models.unet_motion import MOTION_PARAMS
-
   path = Path(m.motion_pretrained)
   spatial = model.unet.spatial_unet(attention_impl=m.attention_impl)
   if path.is_dir():
     loaded = animatediff_format.load_motion_adapter(spatial, path)
   else:
     loaded = animatediff_format.load_animatediff_checkpoint(spatial, path)
-  _update_checked(model.unet, nnx.state(loaded, MOTION_PARAMS), f"motion modules {path}")
+  update_params(model.unet, nnx.state(loaded, MOTION_PARAMS), f"motion modules {path}")
 
 
-def init_params_from(source: str | os.PathLike, params: nnx.State, config: ml_collections.ConfigDict) -> nnx.State:
+def init_params_from(source: str | os.PathLike, params: nnx.State, group: str) -> nnx.State:
   """`params` with every parameter a stage-1 run (workdir or step folder) also has replaced by its value.
 
   Stage 2's U-Net has the stage-1 U-Net's parameters at the same paths plus motion modules, so
   the spatial U-Net, CLIP and MIA come from stage 1 and the motion modules stay as initialised.
   """
-  from mimajax import checkpointing
-
-  flat_old = checkpointing.checkpoint_params(source)
+  flat_old = checkpointing.checkpoint_params(source, group)
   leaves, taken = [], 0
   for path, var in nnx.to_flat_state(params):
     key = tuple(str(p) for p in path)
@@ -144,32 +128,14 @@ def init_params_from(source: str | os.PathLike, params: nnx.State, config: ml_co
   return nnx.from_flat_state(leaves)
 
 
-def merge_flat_params(model: nnx.Module, flat: dict[tuple[str, ...], np.ndarray], where: str) -> None:
-  """Sets every parameter of `model` from `flat` (path -> array); any missing, extra or mis-shaped key is an error."""
-  expected = {tuple(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
-  unexpected = sorted("/".join(k) for k in flat.keys() - expected.keys())
-  shapes = [f"{'/'.join(k)}: found {np.shape(flat[k])}, expected {tuple(v.shape)}"
-            for k, v in expected.items() if k in flat and np.shape(flat[k]) != tuple(v.shape)]  # fmt: skip
-  if missing or unexpected or shapes:
-    raise CheckpointReadError(
-      f"{where} does not fit the model of its config: {len(missing)} missing {missing[:5]}, "
-      f"{len(unexpected)} unexpected {unexpected[:5]}, {len(shapes)} mis-shaped {shapes[:5]}"
-    )
-  leaves = [(path, var.replace(jax.numpy.asarray(flat[tuple(str(p) for p in path)])))
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]  # fmt: skip
-  nnx.update(model, nnx.from_flat_state(leaves))
-
-
 def face_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> MorphableModel:
   """The morphable model renders are drawn with: config.data.face_model, the dataset's face_model.npz, or synthetic.
 
   The chosen one is copied into the workdir so inference renders driving coefficients the same way.
   """
-  from mimajax import checkpointing
 
-  path = config.data.face_model or str(Path(config.data.path) / checkpointing.FACE_MODEL_FILE)
-  in_workdir = Path(workdir) / checkpointing.FACE_MODEL_FILE
+  path = config.data.face_model or str(Path(config.data.path) / FACE_MODEL_FILE)
+  in_workdir = Path(workdir) / FACE_MODEL_FILE
   if in_workdir.exists():
     return load_face_model(in_workdir)
   if Path(path).exists():

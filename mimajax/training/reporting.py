@@ -1,4 +1,4 @@
-"""What a run reports: clu metric writers (TensorBoard + logs), a progress bar, steps/s, images/s, MFU, samples.
+"""What a run reports: clu metric writers (TensorBoard + logs), a progress bar, steps/s, images/s, MFU.
 
 MFU = (FLOPs of one compiled step, from XLA's cost analysis) x steps/s / (peak dense bf16 FLOP/s of the
 devices). The peak table covers the accelerators this project targets; elsewhere (CPU) MFU is not reported.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -102,54 +101,3 @@ class Reporter:
       self.bar.close()
     self.writer.flush()
     self.writer.close()
-
-
-def write_samples(workdir: str | os.PathLike, step: int, run, state, host_batch: dict) -> Path | None:
-  """samples/step_XXXXXXX.png (host 0): per row source | render I_R | generated | ground truth.
-
-  Generated with the current parameters (the EMA copy when kept) by the sampler users animate with:
-  DDIM/Euler with CFG over `config.sample.num_inference_steps`, first frame of each clip.
-  """
-  if jax.process_index() != 0:
-    return None
-  import imageio.v3 as iio
-  from flax import nnx
-
-  from mimajax.diffusion import schedulers
-  from mimajax.mimaface import conditioning
-  from mimajax.mimaface.sampling import ClipSampler, SamplerConfig
-
-  config = run.config
-  n = min(config.sample.count, len(host_batch["identity"]))
-  model = nnx.merge(nnx.graphdef(run.model), state.ema_params or state.params, nnx.state(run.model, nnx.Not(nnx.Param)))
-  vae = nnx.merge(run.vae_graphdef, run.frozen["vae"])
-  face_model = run.frozen["face_model"]
-  local = {k: np.asarray(v[:n]) for k, v in host_batch.items()}
-  batch = conditioning.model_batch(vae, face_model, local, clip_size=config.model.clip.image_size,
-                                   coefficient_dim=config.data.coefficient_dim,
-                                   shading=config.data.render_shading)  # fmt: skip
-  appearance = model.encode_appearance(batch["source"], batch["motion"], batch.get("face_features"))
-  schedule = schedulers.make_noise_schedule(**config.noise_schedule.to_dict())
-  sampler = getattr(run, "sampler", None)
-  if sampler is None:  # one sampler for the run: later sample steps swap in new weights, no recompilation
-    sampler = run.sampler = ClipSampler(model, schedule, SamplerConfig(scheduler=config.sample.scheduler,
-                                        num_inference_steps=config.sample.num_inference_steps,
-                                        guidance_scale=config.sample.guidance_scale))  # fmt: skip
-  else:
-    sampler.state = nnx.state(model)
-  noise = jax.random.normal(jax.random.fold_in(jax.random.key(config.seed + 1), step), batch["latents"].shape)
-  latents = sampler(context=appearance.context, render_latents=batch["render_latents"], noise=noise)
-  first = (lambda x: x[:, 0]) if config.stage == 2 else (lambda x: x)  # the first frame of each clip
-  size = config.data.resolution
-  columns = [
-    conditioning.clip_source(jax.numpy.asarray(local["source_frame"]), size),
-    conditioning.render_images(face_model, first(batch["motion"]), size, config.data.render_shading),
-    conditioning.decode_frames(vae, first(latents)),
-    conditioning.to_unit(jax.numpy.asarray(first(local["frames"]))),
-  ]
-  grid = np.concatenate([np.concatenate(list(np.asarray(c)), axis=0) for c in columns], axis=1)
-  path = Path(workdir) / "samples" / f"step_{step:07d}.png"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  iio.imwrite(path, np.uint8(np.clip(grid, 0, 1) * 255 + 0.5))
-  log.info("samples: %s", path)
-  return path

@@ -1,0 +1,127 @@
+"""Model families: the small contract a family fulfils for the shared loop, and the registry it is found in.
+
+A family (MIMAFace, MMFA, a test's toy GAN) is a package on top of the shared library. The shared
+code never imports one: the training loop, `animate` and `export` ask this registry for the name
+in `config.model.family` (recorded in every workdir's config.json), and the registry imports the
+family's module by name. A family hands the loop a `Task`: its parameter groups, one loss per
+group, their optimizers and axis rules, the frozen parts and how a batch is prepared on device,
+its extra state, and how to start from pretrained weights and draw samples. Everything else (the
+loop, Orbax checkpoints with exact resume, SIGTERM saves, the NaN guard, metrics, per-host
+loading and sharding) is one code path for every family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+from flax import nnx
+
+from mimajax import checkpointing
+from mimajax.sharding import Rules
+
+# Workdirs written before families were recorded hold MIMAFace runs.
+DEFAULT_FAMILY = "mimaface"
+# Families that ship with mimajax, found by module name (an import here would tie the library to them).
+BUILTIN = {"mimaface": "mimajax.mimaface.family", "mmfa": "mimajax.mmfa.family"}
+
+# (modules by group, batch on device, step rng, extra state) -> (scalar loss, aux). `aux` holds scalars
+# (logged) and arrays (e.g. MIMAFace's ID tokens for its memory bank), which `update_extra` may read.
+LossFn = Callable[[Mapping[str, nnx.Module], Mapping[str, jax.Array], jax.Array, Any], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW on the parameters matching `trainable` (path regexes within the group; empty: all of them)."""
+
+  learning_rate: float = 1e-4
+  warmup_steps: int = 0
+  weight_decay: float = 1e-2
+  b1: float = 0.9
+  b2: float = 0.999
+  max_grad_norm: float | None = 1.0
+  trainable: Sequence[str] = ()
+
+
+@dataclasses.dataclass
+class Task:
+  """What a family builds for one config: everything the shared loop needs and nothing it must know.
+
+  Groups are updated from the same parameters in one step (a GAN's generator and discriminator see
+  each other's pre-step weights, as face-vid2vid's alternating PyTorch loop does): group g's gradient
+  is that of `losses[g]` with respect to group g only.
+  """
+
+  modules: Mapping[str, nnx.Module]  # parameter groups by name: {"model": MIMAFace} or {"generator", ...}
+  losses: Mapping[str, LossFn]  # one per group
+  optimizers: Mapping[str, OptimizerConfig]  # one per group
+  axis_rules: Mapping[str, Rules | Mapping[str, Rules]]  # per group: one rule list, or per top-level part
+  iterator: Any  # host batches (dicts of numpy arrays, this host's rows) with get_state() / set_state()
+  images_per_step: int  # for images/s in the metrics
+  batch_keys: Sequence[str] | None = None  # what of a host batch goes to the device (None: everything)
+  frozen: Any = None  # arrays the step reads but never trains (e.g. a VAE's weights), passed as arguments
+  frozen_rules: Mapping[str, Rules | Mapping[str, Rules] | None] | None = None  # per top-level key; None: replicated
+  prepare: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]] | None = None  # (frozen, batch) on device
+  extra: Any = None  # family state carried in the TrainState (replicated), e.g. the identity memory bank
+  update_extra: Callable[[Any, Mapping[str, dict], Mapping[str, jax.Array]], Any] | None = None  # (extra, aux, batch)
+  init_params: Callable[[dict[str, nnx.State]], dict[str, nnx.State]] | None = None  # fresh run: pretrained / stage
+  write_samples: Callable[[Path, int, dict[str, nnx.State], Any, dict], Path | None] | None = None
+  # (workdir, step, parameters by group (EMA when kept), frozen on device, host batch) -> image written
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A family's command-line verb (`animate`, `export`): its argparse arguments and its run(args) -> exit code."""
+
+  add_arguments: Callable[[Any], None]
+  run: Callable[[Any], int]
+  help: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family: its name, its config check, the task it builds, and its command-line verbs."""
+
+  name: str
+  build_task: Callable[[Any, Path], Task]  # (config, workdir) -> Task
+  check_config: Callable[[Any], None] = lambda config: None  # raises ValueError naming the field
+  commands: Mapping[str, Command] = dataclasses.field(default_factory=dict)
+
+
+_REGISTERED: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+  """Makes `family` available under `family.name` (tests and third-party families; builtins load themselves)."""
+  _REGISTERED[family.name] = family
+  return family
+
+
+def get(name: str) -> Family:
+  """The family called `name`: registered, or a builtin imported on first use."""
+  if name not in _REGISTERED:
+    if name not in BUILTIN:
+      raise ValueError(f"unknown model family {name!r}; known: {sorted(set(BUILTIN) | set(_REGISTERED))}")
+    try:
+      module = importlib.import_module(BUILTIN[name])
+    except ModuleNotFoundError as e:
+      raise ValueError(f"model family {name!r} is not available in this installation ({e})") from e
+    register(module.FAMILY)
+  return _REGISTERED[name]
+
+
+def name_of(config) -> str:
+  """The family a config belongs to (`config.model.family`; configs from before families: MIMAFace)."""
+  model = config.get("model") if hasattr(config, "get") else None
+  name = model.get("family") if model is not None and hasattr(model, "get") else None
+  return str(name or DEFAULT_FAMILY)
+
+
+def family_of_checkpoint(path: str | os.PathLike) -> str:
+  """The family of a trained model on disk: a workdir or step folder (config.json), else MIMAFace (its export
+  and official release folders predate families)."""
+  return checkpointing.recorded_family(path) or DEFAULT_FAMILY

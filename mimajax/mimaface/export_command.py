@@ -1,0 +1,47 @@
+"""`mimajax export --checkpoint CKPT --out DIR`: any trained MIMAFace -> the folder PyTorch users load."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mimajax.errors import CheckpointReadError
+from mimajax.mimaface import export, inference
+
+
+def add_arguments(parser) -> None:
+  parser.add_argument("--checkpoint", required=True, help="training workdir, checkpoint step folder or release folder")
+  parser.add_argument("--out", required=True, help="export folder to create (docs/export_layout.md)")
+  parser.add_argument("--no-single-file", action="store_true", help="skip the SD / AnimateDiff single files")
+  parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or not")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+  parser.add_argument("--vae", default=None, help="diffusers VAE folder (release folders hold none)")
+  parser.add_argument("--face-model", default=None, help="face model .npz / BFM .mat (default: the checkpoint's)")
+
+
+def run(args) -> int:
+  """`mimajax export`: load_inference(--checkpoint) -> export_mimaface(--out); exit code."""
+  try:
+    inf = inference.load_inference(args.checkpoint, use_ema=args.ema, vae_dir=args.vae,
+                                       face_model_path=args.face_model)  # fmt: skip
+  except (CheckpointReadError, FileNotFoundError) as e:
+    print(f"cannot load {args.checkpoint}: {e}", file=sys.stderr)
+    return 2
+  try:
+    out = export.export_mimaface(
+      inf.model,
+      inf.vae,
+      args.out,
+      config=inf.config,
+      face_model=inf.face_model,
+      overwrite=args.overwrite,
+      single_file=not args.no_single_file,
+      resolution=inf.resolution,
+      num_frames=inf.num_frames,
+      ica_frames=inf.ica_frames,
+    )
+  except FileExistsError as e:
+    print(str(e), file=sys.stderr)
+    return 2
+  print(f"exported {args.checkpoint} to {out}")
+  return 0

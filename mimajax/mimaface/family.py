@@ -1,0 +1,132 @@
+"""MIMAFace as a model family: the task the shared training loop runs, and its `animate` / `export` verbs.
+
+One parameter group, "model" (U-Net, CLIP and MIA; the stage's `config.train.trainable` patterns say
+which of them train). Frozen: the VAE (its own axis rules) and the morphable model the renderer draws
+I_R with, both passed to the step as sharded arguments; `prepare` encodes frames and renders inside the
+step. Extra state: the identity memory bank of the paper variant, filled with each step's ID tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+from flax import nnx
+
+from data_pipeline import loader
+from mimajax import families
+from mimajax.diffusion import schedulers
+from mimajax.mimaface import animate, conditioning, export_command, pretrained
+from mimajax.mimaface.inference import GROUP
+from mimajax.mimaface.memory_bank import enqueue, init_memory_bank
+from mimajax.mimaface.model import training_loss
+from mimajax.mimaface.samples import SampleWriter
+
+# What the step needs from a loader batch (the rest stays on the host).
+BATCH_KEYS = ("frames", "source_frame", "motion", "identity")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first inconsistent field."""
+  if config.stage not in (1, 2):
+    raise ValueError(f"config.stage must be 1 (images) or 2 (clips); got {config.stage}")
+  if config.stage == 1 and config.data.num_frames != 1:
+    raise ValueError(f"stage 1 trains on images: config.data.num_frames must be 1, got {config.data.num_frames}")
+  if config.stage == 2 and config.data.num_frames < 2:
+    raise ValueError(f"stage 2 trains on clips: config.data.num_frames must be >= 2, got {config.data.num_frames}")
+  if config.data.resolution % 8:
+    raise ValueError(f"config.data.resolution={config.data.resolution} must be a multiple of 8 (VAE latents)")
+
+
+def data_iterator(config: ml_collections.ConfigDict):
+  """This host's Grain iterator over the prepared shards: F-frame clips plus a source frame of the same video."""
+  d = config.data
+  cfg = loader.LoaderConfig(
+    num_frames=d.num_frames,
+    stride=d.stride,
+    batch_size=d.batch_size // jax.process_count(),
+    resolution=d.resolution,
+    source_resolution=d.resolution,
+    flip=d.flip,
+    seed=config.seed,
+    coefficient_dim=None,
+  )
+  return loader.make_iterator(d.path, cfg, workers=d.workers, read_threads=d.read_threads)
+
+
+def axis_rules(config: ml_collections.ConfigDict) -> dict:
+  """Logical-axis rules of each part of the model: the U-Net's, and CLIP's for CLIP and MIA."""
+  clip_rules = tuple(config.clip_axis_rules)
+  return {"unet": tuple(config.unet_axis_rules), "clip": clip_rules, "mia": clip_rules}
+
+
+def update_memory_bank(bank, aux, batch):
+  """Extra state: this step's ID tokens e_id enter the identity memory bank (paper variant; None: no bank)."""
+  if bank is None:
+    return None
+  return enqueue(bank, aux[GROUP]["e_id"], batch["identity"])  # the global batch: every replica enqueues the same
+
+
+def build_task(config: ml_collections.ConfigDict, workdir: Path) -> families.Task:
+  face_model = pretrained.face_model(config, workdir)
+  model, vae = pretrained.build_models(config)
+  pretrained.keep_vae(vae, config, workdir)
+  t = config.train
+  bank = None
+  if config.model.mia.variant == "paper" and t.memory_bank_size:
+    bank = init_memory_bank(t.memory_bank_size, config.model.clip.hidden_size)
+  schedule = schedulers.make_noise_schedule(**config.noise_schedule.to_dict())
+  vae_graphdef = nnx.graphdef(vae)
+  clip_size = config.model.clip.image_size
+
+  def prepare(frozen, batch):
+    vae_model = nnx.merge(vae_graphdef, frozen["vae"])
+    return conditioning.model_batch(vae_model, frozen["face_model"], batch, clip_size=clip_size,
+                                    coefficient_dim=config.data.coefficient_dim,
+                                    shading=config.data.render_shading)  # fmt: skip
+
+  def loss(modules, batch, rng, bank):
+    return training_loss(modules[GROUP], batch, rng, schedule, bank)
+
+  def init_params(params):
+    return {**params, GROUP: pretrained.init_params_from(t.init_from, params[GROUP], GROUP)}
+
+  optimizer = families.OptimizerConfig(learning_rate=t.learning_rate, warmup_steps=t.warmup_steps,
+                                       weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm or None,
+                                       trainable=tuple(t.trainable))  # fmt: skip
+  return families.Task(
+    modules={GROUP: model},
+    losses={GROUP: loss},
+    optimizers={GROUP: optimizer},
+    axis_rules={GROUP: axis_rules(config)},
+    iterator=data_iterator(config),
+    images_per_step=config.data.batch_size * config.data.num_frames,
+    batch_keys=BATCH_KEYS,
+    frozen=dict(vae=nnx.state(vae, nnx.Param), face_model=face_model),
+    frozen_rules=dict(vae=tuple(config.vae_axis_rules), face_model=None),
+    prepare=prepare,
+    extra=bank,
+    update_extra=update_memory_bank,
+    init_params=init_params if t.init_from else None,
+    write_samples=SampleWriter(config, model, vae_graphdef, GROUP),
+  )
+
+
+FAMILY = families.Family(
+  name="mimaface",
+  build_task=build_task,
+  check_config=check_config,
+  commands={
+    "animate": families.Command(
+      animate.add_arguments,
+      animate.run,
+      "portrait + driving video | coefficients (e.g. SadTalker audio) | edits -> mp4",
+    ),
+    "export": families.Command(
+      export_command.add_arguments,
+      export_command.run,
+      "trained model -> diffusers/transformers folders + SD single files",
+    ),
+  },
+)
