@@ -218,9 +218,13 @@ def read_state(state_dir: str | os.PathLike) -> dict:
   ckptr = ocp.StandardCheckpointer()
   try:
     metadata = ckptr.metadata(state_dir).item_metadata
+    if metadata is None:
+      raise CheckpointReadError(f"{state_dir} has no array metadata (an incomplete or foreign save)")
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata.tree)
     return ckptr.restore(state_dir, target)
+  except CheckpointReadError:
+    raise
   except Exception as e:  # noqa: BLE001 - Orbax raises many types for truncated / foreign folders
     raise CheckpointReadError(f"cannot read the checkpoint {state_dir}: {type(e).__name__}: {e}") from e
 
