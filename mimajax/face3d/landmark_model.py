@@ -1,6 +1,6 @@
 """A landmark morphable model: MediaPipe FaceMesh's 478 points as the 3DMM behind extracted motion coefficients.
 
-For videos without Deep3DFaceRecon coefficients, `data_pipeline.motion_extraction` fits pose, gaze and expression to
+For videos without Deep3DFaceRecon coefficients, `mimajax.faces.motion_fit` fits pose, gaze and expression to
 MediaPipe FaceMesh landmarks (MIMAFace's motion representation, with landmarks in place of the BFM). The model it
 stores beside the dataset (`face_model.npz`) is a `MorphableModel` like the BFM, so `render_coefficients` draws the
 face its coefficients describe:
