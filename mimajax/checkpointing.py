@@ -129,6 +129,12 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=args)
     except (ValueError, KeyError, FileNotFoundError) as e:
+      if _is_legacy(self.directory / str(step)):
+        raise CheckpointReadError(
+          f"{self.directory / str(step)} was written before parameter groups and cannot be resumed in place; "
+          f"`mimajax animate` and `export` read it as it is, and a new workdir can start from it with "
+          f"--config.train.init_from={Path(self.workdir)}"
+        ) from e
       raise CheckpointReadError(
         f"checkpoint {self.directory / str(step)} does not fit this run's model/optimizer "
         f"(was it written with another config?): {e}"
