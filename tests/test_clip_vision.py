@@ -10,15 +10,10 @@ import pytest
 from flax import nnx
 
 from conftest import nhwc, perturb_, rel_err
-from mimajax.convert.clip_format import (
-  clip_parity,
-  clip_to_torch_state,
-  load_clip_vision,
-  save_clip_vision,
-  vision_state,
-)
+from mimajax.convert.clip_format import clip_to_torch_state, load_clip_vision, save_clip_vision, vision_state
 from mimajax.errors import CheckpointKeyError, CheckpointReadError
 from mimajax.models.clip_vision import CLIP_TINY, CLIPVisionConfig, CLIPVisionEncoder, preprocess
+from mimajax.parity.clip import clip_parity
 
 # transformers' CLIPVisionConfig kwargs of the tiny tower (activation and eps left at their defaults)
 TINY = {k: v for k, v in dataclasses.asdict(CLIP_TINY).items() if k not in ("hidden_act", "layer_norm_eps")}

@@ -65,7 +65,7 @@ def test_pytorch_mia_matches_jax(variant, frames):
   from mimajax.mimaface.export import mia_key_map
   from mimajax.mimaface.mia import MIAConfig, build_mia
   from mimajax.mimaface.pytorch import build_mia as torch_mia
-  from mimajax.parity import rel_err
+  from mimajax.parity.common import rel_err
   from mimajax.parity.mimaface import random_weights
 
   cfg = MIAConfig(variant=variant, clip_dim=32, cross_attention_dim=24, num_heads=4, adapter_layers=2,

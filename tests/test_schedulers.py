@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mimajax.diffusion import schedulers as S
+from mimajax.parity.scheduler import scheduler_parity
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 TOL = 1e-5
@@ -300,7 +301,7 @@ def test_euler_single_step_and_scaling_parity(diffusers, torch):
 
 
 def test_scheduler_parity_function(diffusers):
-  err = S.scheduler_parity("tiny", seed=1)
+  err = scheduler_parity("tiny", seed=1)
   assert 0.0 <= err < TOL
 
 
@@ -336,4 +337,4 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="key"):
     S.ddim_sample(sched, lambda x, t: x, x, jnp.array([1]), jnp.array([-1]), eta=1.0)
   with pytest.raises(ValueError, match="huge.*tiny"):
-    S.scheduler_parity("huge")
+    scheduler_parity("huge")

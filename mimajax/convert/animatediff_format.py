@@ -20,7 +20,7 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -373,58 +373,3 @@ def save_animatediff_checkpoint(model: UNetMotionModel, path) -> Path:
 
     torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, str(path))
   return path
-
-
-# ----------------------------------------------------------------------------- parity
-
-
-def motion_parity(
-  size: str = "tiny",
-  seed: int = 0,
-  log: Callable[[str], None] = print,
-  *,
-  motion: MotionConfig | None = None,
-  batch: int = 1,
-  num_frames: int = 4,
-  per_frame_context: bool = False,
-  attention_impl: str | None = None,
-) -> float:
-  """diffusers UNetMotionModel (random, perturbed weights) vs mimajax on random video latents; rel L2 error.
-
-  "tiny": the tiny SD U-Net of configs/common.py with motion modules in the mid block too; "sd15": SD1.5's
-  U-Net with the AnimateDiff v3 motion adapter config (32x32 latents to keep CPU time reasonable).
-  """
-  import tempfile
-
-  import torch
-  from diffusers import UNetMotionModel as TorchUNetMotion
-
-  from configs import common
-  from mimajax.parity import perturb_, rel_err
-
-  unet_cfg = UNetConfig(**common.model_config(size).unet.to_dict())
-  motion = motion or (MotionConfig(use_motion_mid_block=True) if size == "tiny" else MotionConfig())
-  config = UNetMotionConfig.from_unet(unet_cfg, motion)
-  torch.manual_seed(seed)
-  ref = TorchUNetMotion(**config.to_diffusers())
-  perturb_(ref, seed)  # also makes the zero-initialised parts non-trivial
-  ref.eval()
-  with tempfile.TemporaryDirectory() as tmp:
-    ref.save_pretrained(tmp)
-    ours = load_unet_motion(tmp, attention_impl=attention_impl)
-  rng = np.random.default_rng(seed)
-  side = unet_cfg.sample_size if size == "tiny" else 32
-  x = rng.standard_normal((batch, num_frames, unet_cfg.in_channels, side, side), dtype=np.float32)
-  t = rng.integers(0, 1000, size=(batch,))
-  seq = 77 if size == "sd15" else 7
-  ctx_shape = (batch, num_frames, seq) if per_frame_context else (batch, seq)
-  ctx = rng.standard_normal(ctx_shape + (unet_cfg.cross_attention_dim,), dtype=np.float32)
-  # diffusers wants (B, C, F, H, W) latents and one context row per frame (its pipeline repeat_interleaves).
-  torch_ctx = ctx.reshape(batch * num_frames, seq, -1) if per_frame_context else np.repeat(ctx, num_frames, axis=0)
-  with torch.no_grad():
-    want = ref(torch.from_numpy(x.transpose(0, 2, 1, 3, 4)), torch.from_numpy(t), torch.from_numpy(torch_ctx)).sample
-  want = want.numpy().transpose(0, 2, 1, 3, 4)  # (B, F, C, H, W)
-  got = ours(jnp.asarray(x.transpose(0, 1, 3, 4, 2)), jnp.asarray(t), jnp.asarray(ctx))  # channels-last frames
-  err = rel_err(np.asarray(got).transpose(0, 1, 4, 2, 3), want)
-  log(f"motion unet[{size}] noise prediction {tuple(want.shape)} (B, F, C, H, W): rel_err={err:.3e}")
-  return err

@@ -41,7 +41,7 @@ from mimajax.mimaface.model import MIMAFace, normalize_for_clip
 from mimajax.mimaface.sampling import ClipSampler, SamplerConfig
 from mimajax.models import factory
 from mimajax.models.vae import AutoencoderKL
-from mimajax.parity import PARITY_TOLERANCE, rel_err
+from mimajax.parity.common import PARITY_TOLERANCE, rel_err
 
 # (frames, frame pixels) per size: tiny's VAE downsamples by 2 (16x16 latents, the tiny U-Net's sample_size);
 # sd15's by 8, and 32x32 latents keep a PyTorch run on CPU usable.
