@@ -34,9 +34,12 @@ from flax import nnx
 from configs import common
 from mimajax.convert.state_dict import merge_params
 from mimajax.diffusion import schedulers
+from mimajax.face3d import synthetic_model
 from mimajax.face3d.morphable_model import MorphableModel
 from mimajax.mimaface import conditioning
 from mimajax.mimaface import factory as mimaface_factory
+from mimajax.mimaface.export import export_mimaface
+from mimajax.mimaface.inference import load_inference
 from mimajax.mimaface.model import MIMAFace, normalize_for_clip
 from mimajax.mimaface.sampling import ClipSampler, SamplerConfig
 from mimajax.models import factory
@@ -142,14 +145,12 @@ def mimaface_parity(
 
   If a stage is above PARITY_TOLERANCE, the largest stage error is returned instead, so the command fails
   whenever any stage does; fail_fast stops at the first such stage.
-  pretrained: a trained model (`checkpointing.load_inference`: workdir, checkpoint or release folder);
+  pretrained: a trained model (`mimaface.inference.load_inference`: workdir, step, export or release folder);
   models: (stage-2 MIMAFace, VAE, face model) to use instead of random ones. after_export(model) may edit the
   JAX model once the export is written (tests use it to show that a changed weight fails the check).
   """
   import torch
 
-  from mimajax.face3d import synthetic_model
-  from mimajax.mimaface.export import export_mimaface
   from mimajax.mimaface.pytorch import MIMAFacePipeline
 
   if size not in GEOMETRY:
@@ -157,9 +158,7 @@ def mimaface_parity(
   frames, resolution = GEOMETRY[size]
   train_cfg = None
   if pretrained:
-    from mimajax import checkpointing
-
-    inf = checkpointing.load_inference(pretrained)
+    inf = load_inference(pretrained)
     model, vae, face_model, train_cfg = inf.model, inf.vae, inf.face_model, inf.config
     frames, resolution = inf.num_frames, inf.resolution
   elif models is not None:
