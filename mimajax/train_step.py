@@ -5,7 +5,9 @@ holds named parameter groups (one for MIMAFace, a generator and a discriminator 
 its own optimizer state, plus the family's `extra` state (MIMAFace's identity memory bank). The step's
 randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted one would. A
 non-finite loss or gradient in any group leaves the whole state unchanged and is reported in the
-metrics (`finite`), so the caller can stop with the last good state in hand.
+metrics (`finite`), so the caller can stop with the last good state in hand. So does a step whose loss
+and gradients are finite but whose update is not (an overflowing learning rate or weight decay): the
+step is finite only when everything it would save is (`all_finite`), so every checkpoint is.
 """
 
 from __future__ import annotations
@@ -108,6 +110,14 @@ def init_state(modules: Mapping[str, nnx.Module], optimizers: Mapping[str, optax
   )
 
 
+def all_finite(*trees) -> jax.Array:
+  """Whether every floating-point leaf of `trees` is finite: one fused reduction per leaf, ANDed (a scalar bool).
+
+  Integer leaves (optimizer counts, steps) and PRNG keys are always finite and skipped."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(trees) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
   def split(x):
     if x.shape[0] % n:
@@ -201,6 +211,9 @@ def make_train_step(
     ema = state.ema_params
     if ema is not None:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    # Finite loss and gradients can still overflow the update (learning rate x Adam step, or decoupled weight
+    # decay lr * wd * p of already huge weights): the step also needs everything it would keep to be finite.
+    finite = finite & all_finite(params, opt_state, buffers, extra, ema)
     # A non-finite step changes nothing: the caller stops on `finite == False` with the last good state.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new = TrainState(
@@ -233,8 +246,10 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
   if bool(metrics["finite"]):
     return
   bad = sorted(k for k, v in metrics.items() if k != "finite" and not bool(jnp.all(jnp.isfinite(v))))
+  where = bad or ["the updated parameters or optimizer state (loss and gradients were finite)"]
   raise FloatingPointError(
-    f"non-finite values at step {step} in {bad or ['gradients']}; the state was left at the last good step"
+    f"non-finite values at step {step} in {where}; the state was left at step {step - 1}, the last whose loss, "
+    f"gradients and updated state were all finite (a diverging run: lower config.train.learning_rate)"
   )
 
 

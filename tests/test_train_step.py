@@ -105,6 +105,34 @@ def test_non_finite_step_keeps_the_state_and_names_the_step():
     train_step.check_finite(jax.device_get(metrics), 1)
 
 
+def test_an_overflowing_update_with_a_finite_loss_keeps_the_state():
+  """lr = 1e30: step 1 throws the weights to ~1e30 (finite); a tanh-bounded loss stays finite there with zero
+  gradients, but step 2's decoupled weight decay (lr * wd * p ~ 1e58) overflows the parameters to inf."""
+
+  def bounded(modules, batch, rng, extra):
+    del rng, extra
+    loss = jnp.mean((jnp.tanh(modules["model"](batch["x"])[:, 0]) - batch["y"]) ** 2)
+    return loss, {"mse": loss}
+
+  modules = {"model": TinyRegressor(nnx.Rngs(0))}
+  graphdefs, params, rests = train_step.split_groups(modules)
+  tx = train_step.make_optimizer(train_step.trainable_labels(params["model"], [".*"]), learning_rate=1e30,
+                                 max_grad_norm=None, weight_decay=1e-2)  # fmt: skip
+  state = train_step.init_state(modules, {"model": tx}, jax.random.key(0))
+  step = jax.jit(train_step.make_train_step(graphdefs, {"model": bounded}, {"model": tx}, rests=rests))
+  state, metrics = step(state, _batch())
+  assert bool(metrics["finite"]) and 1e28 < max(np.abs(v).max() for v in _flat(state.params).values()) < 1e35
+  good = _flat(state.params)
+  new, metrics = step(state, _batch(seed=1))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))  # nothing else tells
+  assert not bool(metrics["finite"]) and int(new.step) == 1
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((new.params, new.opt_state)))
+  for k, v in _flat(new.params).items():
+    np.testing.assert_array_equal(v, good[k])
+  with pytest.raises(FloatingPointError, match=r"step 2 in .*updated parameters.*left at step 1"):
+    train_step.check_finite(jax.device_get(metrics), 2)
+
+
 def test_step_rng_is_fold_in_of_the_step():
   """Resuming from a saved state continues the exact random stream (the key depends only on rng and step)."""
   seen = []
