@@ -1,16 +1,27 @@
-"""Video and image files for `mimajax animate`: streamed reading, atomic H.264 mp4 writing, the side-by-side view.
+"""Video and image files for `mimajax animate`: streamed reading, checked atomic writing, the side-by-side view.
 
 Reading goes through `imageio.v3.imiter` (its ffmpeg plugin; never `imageio.get_reader` on mp4, whose length is
-infinite, see OFFLINE_ASSETS.md), one frame at a time, so long drivers need not fit in memory. Writing uses
-imageio-ffmpeg's bundled ffmpeg with libx264 and yuv420p, which needs even frame sides: odd sides are padded by
-repeating the last row / column. `Mp4Writer` takes frames batch by batch under a temporary name in the destination
-folder; the file appears under its name only when complete (`commit`), and a failure removes it.
+infinite, see OFFLINE_ASSETS.md), one frame at a time, so long drivers need not fit in memory; `iter_video` warns
+on stderr when a video decodes only partly (fewer frames than its container declares).
+
+Writing: `Mp4Writer` pipes frames batch by batch into imageio-ffmpeg's bundled ffmpeg (libx264, yuv420p, which needs
+even frame sides: odd sides are padded by repeating the last row / column), under a temporary name in the
+destination folder. The file replaces `path` only once it is known complete: ffmpeg exited with status 0 (a full
+disk makes it fail writing the trailer, which imageio-ffmpeg's own writer does not report), the file is not empty,
+reading it back (demuxing, no decoding) gives as many frames as were written, and it is flushed to the disk
+(`fsync`, where a full network disk may report only then). Otherwise `VideoWriteError` (an OSError) says why, the
+temporary file is removed and whatever was at `path` is untouched. `write_image` does the same for one image.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
+import subprocess
+import tempfile
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -105,6 +116,8 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
     raise ValueError(f"{what} {path}: expected an .mp4 file name")
   if path.is_dir() or not path.parent.is_dir():
     raise ValueError(f"{what} {path}: not a file name in an existing folder")
+  if not os.access(path.parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{what} {path}: the folder {path.parent} is not writable by this user")
   return path
 
 
@@ -124,10 +137,89 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
   return frames
 
 
+class VideoWriteError(OSError):
+  """A video or image could not be written completely (full disk, ffmpeg failure, unreadable result); nothing was
+  put in its place. `errno` is the operating system's code where one caused it (ENOSPC: the disk is full)."""
+
+  @classmethod
+  def caused_by(cls, e: OSError, message: str) -> "VideoWriteError":
+    err = cls(f"{message} ({e.strerror or e})")
+    err.errno = e.errno
+    return err
+
+
+def ffmpeg_exe() -> str:
+  """imageio-ffmpeg's ffmpeg (or the one IMAGEIO_FFMPEG_EXE names), looked up on every call."""
+  import imageio_ffmpeg
+
+  return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _tail(text: str, lines: int = 2) -> str:
+  """The last distinct lines of ffmpeg's log (its reason is at the end), without their `[muxer @ 0x...]` tags."""
+  kept = []
+  for line in text.strip().splitlines():
+    line = re.sub(r"^(\[[^\]]*\]\s*)+", "", line.strip())
+    if line and line not in kept and not line.startswith("Last message repeated"):
+      kept.append(line)
+  return "; ".join(kept[-lines:]) or "no message"
+
+
+def mp4_frame_count(path: str | os.PathLike, what: str | None = None) -> int:
+  """Frames of the mp4's first video stream, by demuxing it (`-c copy`: no decoding, fast); VideoWriteError naming
+  `what` (default: the file) if ffmpeg cannot read it."""
+  what = what or str(path)
+  cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "null",
+         "-progress", "pipe:1", "-"]  # fmt: skip
+  try:
+    done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    raise VideoWriteError(f"{what} cannot be read back: {e}") from e
+  counts = re.findall(r"^frame=(\d+)\s*$", done.stdout, flags=re.MULTILINE)
+  if done.returncode or not counts:
+    raise VideoWriteError(f"{what} cannot be read back (ffmpeg exited with status {done.returncode}: "
+                          f"{_tail(done.stderr, 1)})")  # fmt: skip
+  return int(counts[-1])
+
+
+def _fsync_file(path: Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+  """Makes a rename in `path` durable; file systems that cannot sync a folder are left as they are."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _commit(tmp: Path, path: Path) -> Path:
+  """`tmp` flushed to the disk, then renamed over `path` (a failure leaves `path` as it was)."""
+  try:
+    _fsync_file(tmp)
+  except OSError as e:
+    raise VideoWriteError.caused_by(e, f"{path} could not be flushed to the disk") from e
+  os.replace(tmp, path)
+  _fsync_dir(path.parent)
+  return path
+
+
 class Mp4Writer:
   """H.264 (libx264, yuv420p) mp4 written batch by batch under a temporary name beside `path`.
 
-  `write` batches of uint8 frames (T, H, W, 3); `close` finishes the file, `commit` renames it to `path`;
+  `write` batches of uint8 frames (T, H, W, 3); `close` finishes the temporary file and checks it (ffmpeg's exit
+  status, its size, the frame count read back; VideoWriteError otherwise), `commit` renames it to `path`;
   `discard` (or leaving a `with` block by an exception) removes it. As a context manager a clean exit commits.
   """
 
@@ -135,50 +227,106 @@ class Mp4Writer:
     self.path = check_output_path(path)
     if not fps > 0:
       raise ValueError(f"fps must be > 0; got {fps}")
+    if not 1 <= quality <= 10:
+      raise ValueError(f"quality must be in [1, 10]; got {quality}")
     self.fps, self.quality, self.frames = fps, quality, 0
-    self._size, self._writer = None, None  # the writer: None before the first batch and after close
+    self._size, self._proc, self._log, self._closed = None, None, None, False
     # ffmpeg picks the container from the extension; the name is new, so the file gets the usual permissions.
     self.tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.{secrets.token_hex(4)}.partial.mp4")
 
-  def write(self, frames: np.ndarray) -> None:
-    import imageio_ffmpeg
+  def _command(self, size) -> list[str]:
+    crf = int((1 - self.quality / 10) * 51)  # imageio-ffmpeg's quality -> libx264 CRF (quality 8: CRF 10)
+    fps = str(Fraction(self.fps).limit_denominator())
+    return [ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{size[1]}x{size[0]}",
+            "-pix_fmt", "rgb24", "-r", fps, "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+            "-crf", str(crf), "-v", "error", str(self.tmp)]  # fmt: skip
 
+  def _failed(self, what: str) -> VideoWriteError:
+    """ffmpeg stopped (or was stopped): its exit status and the end of its log."""
+    proc, self._proc = self._proc, None
+    if proc is not None and proc.stdin is not None:
+      try:
+        proc.stdin.close()
+      except OSError:
+        pass
+    status = proc.wait() if proc is not None else None
+    log = ""
+    if self._log is not None:
+      self._log.seek(0)
+      log = self._log.read().decode(errors="replace")
+    err = VideoWriteError(f"{self.path} was not written: {what} (ffmpeg exited with status {status}: {_tail(log)})")
+    if "No space left on device" in log:
+      err.errno = errno.ENOSPC
+    return err
+
+  def write(self, frames: np.ndarray) -> None:
     frames = even_frames(_check_frames(frames))
     size = frames.shape[1:3]
-    if self._size is None:
-      self._size = size
-      self._writer = imageio_ffmpeg.write_frames(str(self.tmp), (size[1], size[0]), fps=self.fps, codec="libx264",
-                                                 quality=self.quality, macro_block_size=1, pix_fmt_out="yuv420p",
-                                                 ffmpeg_log_level="error")  # fmt: skip
-      self._writer.send(None)  # starts ffmpeg
-    elif size != self._size or self._writer is None:
+    if self._closed or (self._size is not None and size != self._size):
       raise ValueError(f"{self.path}: frames of {size} after frames of {self._size} (or after close)")
-    for frame in frames:
-      self._writer.send(np.ascontiguousarray(frame))
+    if self._proc is None:
+      self._size = size
+      self._log = tempfile.TemporaryFile()
+      try:
+        self._proc = subprocess.Popen(self._command(size), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                      stderr=self._log)  # fmt: skip
+      except OSError as e:
+        raise VideoWriteError(f"{self.path}: cannot start ffmpeg ({e})") from e
+    try:
+      for frame in frames:
+        self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
+    except OSError as e:  # ffmpeg exited (a full disk, a bad folder): its log says why
+      raise self._failed(f"ffmpeg stopped after {self.frames} frames") from e
     self.frames += len(frames)
 
   def close(self) -> None:
-    """Finishes the temporary file (ffmpeg flushes and exits)."""
+    """Finishes the temporary file (ffmpeg flushes and exits) and checks it is complete; VideoWriteError if not."""
+    if self._closed:
+      return
     if not self.frames:
       raise ValueError(f"{self.path}: no frames were written")
-    writer, self._writer = self._writer, None
-    if writer is not None:
-      writer.close()
+    proc = self._proc
+    if proc is None:
+      raise VideoWriteError(f"{self.path} was not written: ffmpeg already stopped")
+    try:
+      proc.stdin.close()
+    except OSError:
+      pass
+    status = proc.wait()
+    if status:
+      raise self._failed(f"ffmpeg could not finish the {self.frames} frames")
+    self._proc = None
+    self._log.close()
+    self._log = None
+    size = self.tmp.stat().st_size if self.tmp.exists() else 0
+    if not size:
+      raise VideoWriteError(f"{self.path} was not written: ffmpeg reported success but left an empty or no file")
+    back = mp4_frame_count(self.tmp, f"{self.path} was not written: the video ffmpeg finished")
+    if back != self.frames:
+      raise VideoWriteError(
+        f"{self.path} was not written: {self.frames} frames went in, {back} read back ({size} bytes)"
+      )
+    self._closed = True
 
   def commit(self) -> Path:
-    """The finished file under its name."""
+    """The finished, checked file under its name."""
     self.close()
-    os.replace(self.tmp, self.path)
-    return self.path
+    return _commit(self.tmp, self.path)
 
   def discard(self) -> None:
     """No file: the temporary one is removed (ffmpeg stopped first)."""
-    writer, self._writer = self._writer, None
-    if writer is not None:
-      try:
-        writer.close()
-      except Exception:  # noqa: BLE001  (already failing: the file goes either way)
-        pass
+    proc, self._proc = self._proc, None
+    if proc is not None:
+      proc.kill()
+      proc.wait()
+      if proc.stdin is not None:
+        try:
+          proc.stdin.close()
+        except OSError:
+          pass
+    if self._log is not None:
+      self._log.close()
+      self._log = None
     self.tmp.unlink(missing_ok=True)
 
   def __enter__(self) -> "Mp4Writer":
@@ -200,6 +348,31 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float = DEFAULT_
   with Mp4Writer(path, fps, quality=quality) as writer:
     writer.write(frames)
   return Path(path)
+
+
+def write_image(path: str | os.PathLike, image) -> Path:
+  """An image (H, W[, 1 | 3 | 4]) uint8 (or [0, 1] floats) as PNG / JPEG (by the extension) at `path`, replaced only
+  when the whole file is on the disk (VideoWriteError, an OSError, otherwise: `path` stays as it was)."""
+  import imageio.v3 as iio
+
+  path = Path(path)
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    image = to_uint8(image) if np.issubdtype(image.dtype, np.floating) else image.astype(np.uint8)
+  data = iio.imwrite("<bytes>", image, extension=path.suffix.lower() or ".png")
+  tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.partial{path.suffix}")
+  try:
+    try:
+      with open(tmp, "wb") as f:
+        f.write(data)
+    except OSError as e:
+      raise VideoWriteError.caused_by(e, f"{path} could not be written") from e
+    if tmp.stat().st_size != len(data):
+      raise VideoWriteError(f"{path}: {tmp.stat().st_size} of {len(data)} bytes were written")
+    return _commit(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def resize_height(frames: np.ndarray, height: int) -> np.ndarray:

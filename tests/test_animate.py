@@ -6,7 +6,11 @@ echoes the driving rows, a sampler that records its inputs); one runs the real (
 
 import argparse
 import dataclasses
+import errno
+import os
 import re
+import subprocess
+import sys
 import types
 
 import jax
@@ -241,6 +245,123 @@ def test_mp4_is_written_batch_by_batch(tmp_path):
   assert video_io.read_video(tmp_path / "a.mp4")[0].shape == (12, 16, 16, 3)
 
 
+# A stand-in for ffmpeg (through IMAGEIO_FFMPEG_EXE, which imageio-ffmpeg reads on every call): reading goes to the
+# real one; writing fails as a full disk makes it fail ("enospc": the frames consumed, a 4 KB header written, the
+# trailer not, status 228 = -28 & 0xff) or reports success on a cut file ("truncated").
+FAKE_FFMPEG = """#!{python}
+import os, subprocess, sys
+REAL, MODE = {real!r}, {mode!r}
+args = sys.argv[1:]
+if "rawvideo" not in args:
+  os.execv(REAL, [REAL] + args)
+out = args[-1]
+if MODE == "enospc":
+  while sys.stdin.buffer.read(1 << 16):
+    pass
+  with open(out, "wb") as f:
+    f.write(bytes(4096))
+  sys.stderr.write("[out#0/mp4] Error writing trailer: No space left on device\\n")
+  sys.exit(228)
+rc = subprocess.call([REAL] + args)
+with open(out, "r+b") as f:
+  f.truncate(os.path.getsize(out) // 2)
+sys.exit(rc)
+"""
+
+
+@pytest.fixture
+def fake_ffmpeg(tmp_path, monkeypatch):
+  """use(mode): every ffmpeg started from now on is FAKE_FFMPEG in that mode."""
+  import imageio_ffmpeg
+
+  real = imageio_ffmpeg.get_ffmpeg_exe()
+
+  def use(mode):
+    script = tmp_path / f"ffmpeg_{mode}"
+    script.write_text(FAKE_FFMPEG.format(python=sys.executable, real=real, mode=mode))
+    script.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(script))
+
+  return use
+
+
+def _noise(t=8, side=256):
+  return np.random.default_rng(0).integers(0, 255, (t, side, side, 3), dtype=np.uint8)
+
+
+def _good_video(path):
+  video_io.write_mp4(path, np.full((8, 64, 64, 3), 100, np.uint8))
+  return path.read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["enospc", "truncated"])
+def test_failed_ffmpeg_keeps_the_previous_video_and_leaves_no_file(tmp_path, fake_ffmpeg, mode):
+  (tmp_path / "out").mkdir()
+  out = tmp_path / "out" / "a.mp4"
+  before = _good_video(out)
+  fake_ffmpeg(mode)
+  message = "No space left on device" if mode == "enospc" else "read back"
+  with pytest.raises(OSError, match=message):
+    video_io.write_mp4(out, np.zeros((8, 64, 64, 3), np.uint8) + np.arange(8, dtype=np.uint8)[:, None, None, None])
+  assert out.read_bytes() == before
+  assert [p.name for p in out.parent.iterdir()] == ["a.mp4"]
+
+
+def test_enospc_on_flush_keeps_the_previous_files(tmp_path, monkeypatch):
+  """The kernel may report a full disk only when the data is flushed (NFS, delayed allocation): at fsync."""
+  out, image = tmp_path / "a.mp4", tmp_path / "a.png"
+  before = _good_video(out)
+  video_io.write_image(image, np.zeros((16, 16, 3), np.uint8))
+  before_image = image.read_bytes()
+
+  def fsync(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  with pytest.raises(OSError, match="No space left on device"):
+    video_io.write_mp4(out, _noise(4, 32))
+  with pytest.raises(OSError, match="No space left on device"):
+    video_io.write_image(image, np.full((16, 16, 3), 255, np.uint8))
+  assert out.read_bytes() == before and image.read_bytes() == before_image
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "a.png"]
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+  """A real 3 MB file system (tmpfs), filled by the test; skipped where this process may not mount one."""
+  mnt = tmp_path / "small"
+  mnt.mkdir()
+  try:
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+  except OSError as e:
+    pytest.skip(f"no mount command: {e}")
+  if done.returncode:
+    pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.strip()}")
+  yield mnt
+  subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(folder, leave: int):
+  """A file taking all but `leave` bytes of the folder's file system."""
+  st = os.statvfs(folder)
+  with open(folder / "filler", "wb") as f:
+    f.write(bytes(max(0, st.f_bavail * st.f_frsize - leave)))
+
+
+def test_full_disk_fails_naming_it_and_keeps_the_previous_files(small_fs):
+  out, image = small_fs / "out.mp4", small_fs / "a.png"
+  before = _good_video(out)
+  video_io.write_image(image, np.zeros((16, 16, 3), np.uint8))
+  before_image = image.read_bytes()
+  _fill(small_fs, leave=64 * 1024)
+  with pytest.raises(OSError, match="No space left on device"):
+    video_io.write_mp4(out, _noise())  # 1.5 MB of noise frames: H.264 cannot make that fit in 64 KB
+  with pytest.raises(OSError, match="No space left on device"):
+    video_io.write_image(image, _noise(1, 512)[0])
+  assert out.read_bytes() == before and image.read_bytes() == before_image
+  assert sorted(p.name for p in small_fs.iterdir()) == ["a.png", "filler", "out.mp4"]
+
+
 def test_side_by_side_stacks_columns_at_one_height():
   video = np.zeros((5, 32, 32, 3), np.uint8)
   still = np.zeros((64, 48, 3), np.uint8)
@@ -359,6 +480,22 @@ def test_bad_input_exits_2_with_a_message_and_no_output(cli, tmp_path, capsys, m
   err = capsys.readouterr().err
   assert err.startswith("mimajax animate: error:") and re.search(re.escape(message), err), err
   assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_write_failure_exits_1_naming_it_and_keeps_the_previous_output(cli, tmp_path, capsys, fake_ffmpeg):
+  np.save(tmp_path / "d.npy", _indexed_rows(8))
+  np.save(tmp_path / "src.npy", SOURCE_COEFFS)
+  kw = dict(driving=tmp_path / "d.npy", source_coefficients=tmp_path / "src.npy")
+  out = tmp_path / "out" / "result.mp4"
+  assert cli(**kw) == 0, capsys.readouterr().err
+  before = out.read_bytes()
+  capsys.readouterr()
+  fake_ffmpeg("enospc")
+  assert cli(**kw) == 1
+  captured = capsys.readouterr()
+  assert captured.err.startswith("mimajax animate: error:") and "No space left on device" in captured.err
+  assert len(captured.err.strip().splitlines()) <= 2 and "wrote" not in captured.out
+  assert out.read_bytes() == before and [p.name for p in out.parent.iterdir()] == ["result.mp4"]
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])

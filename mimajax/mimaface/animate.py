@@ -37,7 +37,8 @@ from mimajax.mimaface.sampling import SCHEDULERS, ClipSampler, SamplerConfig
 IMAGE_BATCH = 8  # frames per batch for a stage-1 (image) model
 DEFAULT_EDIT_FRAMES = 50  # 2 s at 25 fps
 EXTRACTION_RESOLUTION = 256  # the smallest source crop FaceMesh sees (a small model's frames are too few pixels)
-EXIT_ERROR = 2
+EXIT_ERROR = 2  # bad input
+EXIT_FAILED = 1  # the output could not be written (nothing replaced the previous one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +364,8 @@ def _face_features(path: str | None) -> np.ndarray | None:
 
 
 def run(args) -> int:
-  """`mimajax animate`: 0 on success; 2 with a message on stderr (and no output file) on bad input."""
+  """`mimajax animate`: 0 on success; 2 with a message on stderr (and no output file) on bad input; 1 if writing the
+  output failed (a full disk: the previous file at --out is untouched)."""
   try:
     _check_args(args)
     # Everything about the inputs is checked before the checkpoint loads: bad input fails in seconds.
@@ -392,6 +394,9 @@ def run(args) -> int:
     fps = args.fps or (drv.fps if drv is not None and drv.fps else video_io.DEFAULT_FPS)
     write_outputs(args.out, inference, result, fps, side_by_side=args.side_by_side,
                   driver_previews=None if drv is None else drv.previews)  # fmt: skip
+  except video_io.VideoWriteError as e:  # the inputs were fine; writing the result failed (e.g. a full disk)
+    print(f"mimajax animate: error: {e}", file=sys.stderr)
+    return EXIT_FAILED
   except (ValueError, OSError) as e:
     print(f"mimajax animate: error: {e}", file=sys.stderr)
     return EXIT_ERROR

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import imageio.v3 as iio
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mimajax import video_io
 from mimajax.diffusion import schedulers
 from mimajax.mimaface import conditioning
 from mimajax.mimaface.model import MIMAFace
@@ -65,6 +65,6 @@ class SampleWriter:
     grid = np.concatenate([np.concatenate(list(np.asarray(c)), axis=0) for c in columns], axis=1)
     path = Path(workdir) / "samples" / f"step_{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, np.uint8(np.clip(grid, 0, 1) * 255 + 0.5))
+    video_io.write_image(path, video_io.to_uint8(grid))  # complete or not there (a full disk raises)
     log.info("samples: %s", path)
     return path
