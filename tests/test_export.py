@@ -170,6 +170,7 @@ def test_export_is_atomic_and_refuses_an_existing_folder(video, tmp_path, monkey
   monkeypatch.undo()
   out.mkdir()
   (out / "old.txt").write_text("x")
+  (out / "mimaface_config.json").write_text("{}")  # an (older) export: the only kind overwrite replaces
   with pytest.raises(FileExistsError, match="overwrite"):
     export.export_mimaface(video.model, video.vae, out, single_file=False)
   export.export_mimaface(video.model, video.vae, out, single_file=False, overwrite=True)
@@ -200,3 +201,148 @@ def test_export_command_loads_the_checkpoint_and_writes_the_folder(video, tmp_pa
   assert inference["num_inference_steps"] == config.sample.num_inference_steps
   assert not (out / "sd_single_file").exists() and (out / "training_config.json").is_file()
   assert export_command.run(args) == 2  # exists: refused without --overwrite
+
+
+# ----------------------------------------------------------------------------- where an export may go
+
+
+def _listing(folder):
+  return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def command(video, tmp_path, monkeypatch):
+  """run(argv) of `mimajax export` with the stand-in model behind any --checkpoint; a training workdir `wd`."""
+  from mimajax.mimaface import export_command, inference
+
+  def load_inference(path, **kw):
+    return types.SimpleNamespace(model=video.model, vae=video.vae, face_model=video.face, schedule=None,
+                                 config=None, resolution=32, num_frames=4, ica_frames=1)  # fmt: skip
+
+  monkeypatch.setattr(inference, "load_inference", load_inference)
+  wd = tmp_path / "wd"
+  (wd / "checkpoints" / "10" / "state").mkdir(parents=True)
+  (wd / "checkpoints" / "10" / "state" / "array").write_bytes(b"weights")
+  (wd / "config.json").write_text("{}")
+  (wd / "vae").mkdir()
+  (wd / "vae" / "config.json").write_text("{}")
+
+  def run(*argv):
+    parser = argparse.ArgumentParser()
+    export_command.add_arguments(parser)
+    return export_command.run(parser.parse_args([*map(str, argv), "--no-single-file"]))
+
+  run.wd = wd
+  return run
+
+
+@pytest.mark.parametrize(
+  "checkpoint, out, how, named",
+  [
+    ("wd", "wd", "is", "wd"),
+    ("wd/checkpoints/10", "wd/checkpoints/10", "is", "wd/checkpoints/10"),
+    ("wd/checkpoints/10", "wd", "contains", "wd/checkpoints/10"),
+    ("wd", "wd/export", "lies inside", "wd"),
+    ("wd/checkpoints/10", "wd/export", "lies inside", "wd"),  # a step folder reads its workdir's config, vae/, ...
+    ("wd", "link", "is", "wd"),  # a symbolic link to the workdir
+  ],
+)
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_export_refuses_an_out_that_would_destroy_the_checkpoint(command, tmp_path, capsys, checkpoint, out, how,
+                                                                  named, overwrite):  # fmt: skip
+  (tmp_path / "link").symlink_to(command.wd)
+  before = _listing(command.wd)
+  argv = ["--checkpoint", tmp_path / checkpoint, "--out", tmp_path / out] + (["--overwrite"] if overwrite else [])
+  assert command(*argv) == 2
+  err = capsys.readouterr().err
+  assert f"{how} {tmp_path / named}, which the export is made from" in err, err
+  assert len(err.strip().splitlines()) == 1
+  assert _listing(command.wd) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "wd"]
+
+
+def test_overwrite_replaces_only_an_export_folder(command, tmp_path, capsys):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  assert command("--checkpoint", command.wd, "--out", out, "--overwrite") == 2
+  assert "is not a mimajax export (no mimaface_config.json)" in capsys.readouterr().err
+  assert _listing(out) == {"notes.txt": b"mine"}
+  (out / "notes.txt").unlink()  # an empty folder: nothing to lose
+  assert command("--checkpoint", command.wd, "--out", out, "--overwrite") == 0
+  assert (out / "mimaface_config.json").is_file()
+  (out / "marker").write_text("old export")
+  assert command("--checkpoint", command.wd, "--out", out, "--overwrite") == 0  # an export: replaced
+  assert not (out / "marker").exists() and (out / "mimaface_config.json").is_file()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "wd"]
+
+
+def _dead_pid():
+  import subprocess
+  import sys
+
+  proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  return int(proc.stdout)
+
+
+def test_an_export_removes_what_killed_exports_left_beside_it(video, tmp_path):
+  import os
+  import time
+
+  from mimajax import atomic
+
+  host, dead = atomic.host_tag(), _dead_pid()
+  hour_ago = time.time() - 2 * atomic.STALE_AFTER_S
+
+  def leftover(name, *, old=False):
+    path = tmp_path / name
+    (path / "unet").mkdir(parents=True)
+    (path / "unet" / "config.json").write_text("{}")
+    if old:
+      for p in (path / "unet" / "config.json", path / "unet", path):
+        os.utime(p, (hour_ago, hour_ago))
+    return path
+
+  removed = [
+    leftover(f".export.{host}.{dead}.0123abcd.tmp"),  # this host's, its process gone
+    leftover(".export.k2j_x9qa.tmp", old=True),  # an earlier version's mkdtemp name, untouched for 2 hours
+    leftover(".export.otherhost.4242.0123abcd.tmp", old=True),  # another host's, untouched for 2 hours
+  ]
+  kept = [
+    leftover(f".export.{host}.1.0123abcd.tmp"),  # this host's, its process (pid 1) running
+    leftover(".export.otherhost.4242.89abcdef.tmp"),  # another host's, written to just now
+    leftover(".export.k2j_x9qb.tmp"),  # an earlier version's, just now
+    leftover(".export.notes", old=True),  # not a temporary name
+    leftover(".other.k2j_x9qa.tmp", old=True),  # beside another folder
+  ]
+  export.export_mimaface(video.model, video.vae, tmp_path / "export", single_file=False)
+  names = {p.name for p in tmp_path.iterdir()}
+  assert names == {"export"} | {p.name for p in kept}, sorted(names)
+  assert not any(p.exists() for p in removed)
+
+
+def test_an_export_a_killed_overwrite_moved_aside_is_put_back(video, tmp_path):
+  from mimajax import atomic
+
+  out = tmp_path / "export"
+  export.export_mimaface(video.model, video.vae, out, single_file=False)
+  (out / "marker").write_text("previous export")
+  aside = tmp_path / f".export.{atomic.host_tag()}.{_dead_pid()}.0123abcd.old"
+  aside.mkdir()
+  out.rename(aside / "export")  # killed between the two renames of an overwrite: no export under its name
+  with pytest.raises(FileExistsError, match="overwrite"):
+    export.export_mimaface(video.model, video.vae, out, single_file=False)
+  assert (out / "marker").read_text() == "previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_folders_honour_the_umask(video, tmp_path):
+  import os
+
+  previous = os.umask(0o022)
+  try:
+    folder = export.export_mimaface(video.model, video.vae, tmp_path / "export", face_model=video.face)
+  finally:
+    os.umask(previous)
+  modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in [folder, *folder.rglob("*")]}
+  want = {k: oct(0o755) if (tmp_path / k).is_dir() else oct(0o644) for k in modes}
+  assert modes == want

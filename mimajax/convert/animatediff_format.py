@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mimajax import atomic
 from mimajax.convert.diffusers_format import (
   UNET,
   UNET_RENAMES,
@@ -368,6 +369,7 @@ def save_animatediff_checkpoint(model: UNetMotionModel, path) -> Path:
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(path))
+    atomic.default_mode(path)  # safetensors writes 0600
   else:
     import torch
 

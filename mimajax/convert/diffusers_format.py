@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mimajax import atomic
 from mimajax.convert.state_dict import KeyMap, merge_params
 from mimajax.errors import CheckpointReadError
 from mimajax.models.unet2d import UNet2DConditionModel
@@ -114,7 +114,7 @@ def write_folder(
   if folder.exists() and any(folder.iterdir()) and not overwrite:
     raise FileExistsError(f"{folder} exists and is not empty; pass overwrite=True to replace it")
   folder.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+  tmp = atomic.temp_dir(folder)  # readable as the umask allows (tempfile.mkdtemp would make it 0700)
   try:
     cfg = dict(config)
     if stamp_diffusers_version:
@@ -125,6 +125,7 @@ def write_folder(
       str(tmp / f"{weights_name}.safetensors"),
       metadata={"format": "pt"},
     )
+    atomic.default_mode(tmp / f"{weights_name}.safetensors")  # safetensors writes 0600
     if folder.exists():
       shutil.rmtree(folder)
     os.replace(tmp, folder)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from mimajax import atomic
 from mimajax.errors import CheckpointKeyError, CheckpointReadError
 from mimajax.models.unet_config import per_block_values
 
@@ -725,10 +725,10 @@ def save_single_file(
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-  os.close(fd)
+  tmp = str(atomic.temp_file(os.path.join(directory, os.path.basename(path))))  # 0666 minus the umask, not 0600
   try:
     save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+    atomic.default_mode(tmp)  # safetensors writes 0600
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

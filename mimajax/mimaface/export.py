@@ -7,7 +7,12 @@ motion modules for stage 2, `UNet2DConditionModel` for stage 1; 13 input channel
 LDM keys; for stage 2 the motion modules in the original AnimateDiff layout).
 `mimajax.mimaface.pytorch.MIMAFacePipeline`
 runs it; `mimaface.inference.load_inference` reads it back into JAX. The folder is written beside `out_dir`
-under a temporary name and renamed when complete, so a failure leaves no `out_dir`.
+under a temporary name (`mimajax.atomic`: readable as the umask allows, not 0700) and renamed when complete, so a
+failure leaves no `out_dir`. `check_out_dir` refuses an `out_dir` that is, contains or lies inside what the export is
+made from, and `overwrite` replaces only a folder that is itself an export (it has mimaface_config.json). Temporary
+folders a killed export left beside `out_dir` are removed by the next export to it (`atomic.leftovers`: this
+host's whose process is gone, other hosts' untouched for an hour); a previous export a killed overwrite had moved
+aside is put back first.
 
 The command (`mimajax export`) is mimaface/export_command.py.
 """
@@ -17,15 +22,17 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import logging
 import os
 import shutil
-import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from flax import nnx
 
+from mimajax import atomic
 from mimajax.convert import animatediff_format, clip_format, diffusers_format, sd_single_file
 from mimajax.convert.state_dict import KeyMap
 from mimajax.diffusion import schedulers
@@ -45,6 +52,9 @@ MIA_WEIGHTS, CONV_IN_WEIGHTS = "mia.safetensors", "conv_in.safetensors"
 SINGLE_FILE_DIR = "sd_single_file"
 SINGLE_FILE_UNET_VAE, SINGLE_FILE_MOTION = "mimaface_unet_vae.safetensors", "mimaface_motion_modules.safetensors"
 CONV_IN_CHANNELS = "noisy 0:4 | render latents 4:8 | ICA latents 8:12 | ICA mask 12:13"
+TMP_SUFFIX, OLD_SUFFIX = ".tmp", ".old"  # beside out_dir: the export being written; an old one being replaced
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -131,6 +141,7 @@ def _save_safetensors(path: Path, state: dict[str, np.ndarray], metadata: dict[s
   save_file(
     {k: np.ascontiguousarray(v) for k, v in state.items()}, str(path), metadata={"format": "pt", **(metadata or {})}
   )
+  atomic.default_mode(path)  # safetensors writes 0600
 
 
 def _write_mia(model: MIMAFace, folder: Path) -> None:
@@ -201,6 +212,71 @@ def _write_all(model: MIMAFace, vae: AutoencoderKL, out: Path, config, face_mode
   (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def is_export(folder: str | os.PathLike) -> bool:
+  """Whether `folder` is a mimajax export folder (it holds mimaface_config.json)."""
+  return (Path(folder) / CONFIG_FILE).is_file()
+
+
+def check_out_dir(out_dir: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (),
+                  overwrite: bool = False) -> Path:  # fmt: skip
+  """`out_dir` if an export may be written there; else ValueError (FileExistsError when it exists and `overwrite`
+  is off) saying why.
+
+  sources: what the export is read from (checkpoint workdir, step folder, export or release folder, VAE folder,
+  face model); `out_dir` may not be one of them, contain one or lie inside one (symbolic links followed), since
+  writing or replacing it would destroy them. An existing `out_dir` is replaced (with `overwrite`) only when it is
+  an export folder or empty.
+  """
+  out = Path(out_dir)
+  target = out.resolve()
+  for source in sources:
+    src = Path(source).resolve()
+    if target == src:
+      where = f"is {source}"
+    elif src.is_relative_to(target):
+      where = f"contains {source}"
+    elif target.is_relative_to(src):
+      where = f"lies inside {source}"
+    else:
+      continue
+    raise ValueError(
+      f"export folder {out} {where}, which the export is made from; expected a folder outside the checkpoint (its "
+      "workdir, step, export or release folder)"
+    )
+  if out.is_symlink() or out.exists():
+    if not out.is_dir() or out.is_symlink():
+      raise ValueError(
+        f"export folder {out} exists and is a file or a symbolic link; expected a new folder or an export folder"
+      )
+    if not overwrite:
+      raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if not is_export(out) and any(out.iterdir()):
+      raise ValueError(
+        f"{out} exists and is not a mimajax export (no {CONFIG_FILE}); overwrite (--overwrite) only replaces an "
+        "export folder: choose another folder or remove it yourself"
+      )
+  return out
+
+
+def remove_leftovers(out_dir: str | os.PathLike, *, started: float | None = None) -> list[Path]:
+  """Removes the temporary folders killed exports left beside `out_dir` (`atomic.leftovers`); returns them.
+
+  A killed overwrite may have moved the previous export aside (into `.NAME.*.old/NAME`) without putting the new one
+  in place: when `out_dir` is missing, that export is moved back first.
+  """
+  out = Path(out_dir)
+  removed = []
+  for path in atomic.leftovers(out, (TMP_SUFFIX, OLD_SUFFIX), started=started):
+    kept = path / out.name
+    if path.name.endswith(OLD_SUFFIX) and not out.exists() and is_export(kept):
+      os.replace(kept, out)
+      log.warning("restored %s, which an interrupted export had moved to %s", out, path)
+    shutil.rmtree(path, ignore_errors=True)
+    log.warning("removed %s, left by an interrupted export", path)
+    removed.append(path)
+  return removed
+
+
 def export_mimaface(
   model: MIMAFace,
   vae: AutoencoderKL,
@@ -213,22 +289,28 @@ def export_mimaface(
   resolution: int | None = None,
   num_frames: int | None = None,
   ica_frames: int | None = None,
+  sources: Iterable[str | os.PathLike] = (),
 ) -> Path:
   """Writes the export folder (docs/export_layout.md) atomically; returns its path.
 
   config: the training ml_collections config (noise schedule, sampler and clip defaults; SD1.5's schedule and
   SamplerConfig() without it). resolution / num_frames / ica_frames override what the config says.
+  sources: what the model was read from, which `out_dir` must stay clear of (`check_out_dir`).
   """
+  started = time.time()
+  sources = list(sources)
   out = Path(out_dir)
-  if out.exists() and not overwrite:
-    raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+  if out.parent.is_dir():
+    remove_leftovers(out, started=started)  # may put back an export a killed overwrite had moved aside
+  check_out_dir(out, sources=sources, overwrite=overwrite)
   inference = _inference_defaults(model, config, resolution, num_frames, ica_frames)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+  tmp = atomic.temp_dir(out, TMP_SUFFIX)
   try:
     _write_all(model, vae, tmp, config, face_model, single_file, inference)
+    check_out_dir(out, sources=sources, overwrite=overwrite)  # again: something may have appeared there meanwhile
     if out.exists():  # overwrite: move the old folder aside first, so the swap is two renames
-      old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+      old = atomic.temp_dir(out, OLD_SUFFIX)
       os.replace(out, old / out.name)
       os.replace(tmp, out)
       shutil.rmtree(old, ignore_errors=True)

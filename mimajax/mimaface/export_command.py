@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mimajax.errors import CheckpointReadError
 from mimajax.mimaface import export, inference
@@ -14,13 +15,29 @@ def add_arguments(parser) -> None:
   parser.add_argument("--out", required=True, help="export folder to create (docs/export_layout.md)")
   parser.add_argument("--no-single-file", action="store_true", help="skip the SD / AnimateDiff single files")
   parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights (default) or not")
-  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out export folder")
   parser.add_argument("--vae", default=None, help="diffusers VAE folder (release folders hold none)")
   parser.add_argument("--face-model", default=None, help="face model .npz / BFM .mat (default: the checkpoint's)")
 
 
+def sources(args) -> list[Path]:
+  """What the export reads: --checkpoint (and the workdir of a step folder inside one), --vae, --face-model."""
+  found = [Path(p) for p in (args.checkpoint, args.vae, args.face_model) if p]
+  checkpoint = Path(args.checkpoint).absolute()
+  for folder in (checkpoint, *checkpoint.parents):  # a step folder reads config.json, vae/, ... of its workdir
+    if (folder / "checkpoints").is_dir() and (folder / "config.json").is_file():
+      found.append(folder)
+      break
+  return found
+
+
 def run(args) -> int:
-  """`mimajax export`: load_inference(--checkpoint) -> export_mimaface(--out); exit code."""
+  """`mimajax export`: load_inference(--checkpoint) -> export_mimaface(--out); exit code (2: bad input)."""
+  try:  # before the (slow) load: an --out that would destroy the checkpoint or a non-export is refused at once
+    export.check_out_dir(args.out, sources=sources(args), overwrite=args.overwrite)
+  except (ValueError, FileExistsError) as e:
+    print(f"mimajax export: error: {e}", file=sys.stderr)
+    return 2
   try:
     inf = inference.load_inference(args.checkpoint, use_ema=args.ema, vae_dir=args.vae,
                                        face_model_path=args.face_model)  # fmt: skip
@@ -39,9 +56,10 @@ def run(args) -> int:
       resolution=inf.resolution,
       num_frames=inf.num_frames,
       ica_frames=inf.ica_frames,
+      sources=sources(args),
     )
-  except FileExistsError as e:
-    print(str(e), file=sys.stderr)
+  except (FileExistsError, ValueError) as e:
+    print(f"mimajax export: error: {e}", file=sys.stderr)
     return 2
   print(f"exported {args.checkpoint} to {out}")
   return 0
