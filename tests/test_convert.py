@@ -1,6 +1,7 @@
 """Exact round trips between mimajax models and the diffusers / SD single-file formats, and error paths."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -158,6 +159,25 @@ def test_unreadable_and_missing_files(tmp_path, unet):
   bad.write_bytes(b"\x00" * 64)
   with pytest.raises(CheckpointReadError, match="cannot read checkpoint"):
     sd_single_file.load_models(bad, UNET_CFG)
+
+
+@pytest.mark.parametrize(
+  "value, found",
+  [("int", "an int (3)"), ("str", "a str ('x')"), ("dict", "a dict"), ("list", "a list")],
+)
+def test_bin_with_a_value_that_is_no_tensor_is_refused_naming_the_key(tmp_path, value, found):
+  torch = pytest.importorskip("torch")
+  values = {"int": 3, "str": "x", "dict": {"w": torch.zeros(1)}, "list": [torch.zeros(1)]}
+  torch.save({"conv_in.weight": torch.zeros(2, 2), "extra": values[value]}, tmp_path / "diffusion_pytorch_model.bin")
+  with pytest.raises(CheckpointReadError, match=re.escape(f"key 'extra' holds {found}") + ".*expected a tensor"):
+    df.read_state_dict(tmp_path)
+
+
+def test_bin_that_is_no_state_dict_is_refused(tmp_path):
+  torch = pytest.importorskip("torch")
+  torch.save([torch.zeros(2)], tmp_path / "diffusion_pytorch_model.bin")
+  with pytest.raises(CheckpointReadError, match=r"holds a list.*expected a state dict"):
+    df.read_state_dict(tmp_path)
 
 
 def test_save_never_leaves_a_partial_folder(tmp_path, unet):

@@ -68,7 +68,27 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     sd = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for corrupt pickles
     raise CheckpointReadError(f"cannot read PyTorch checkpoint {path}: {e}") from e
-  return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+  if not isinstance(sd, dict):
+    raise CheckpointReadError(
+      f"PyTorch checkpoint {path} holds {_describe(sd)}; expected a state dict (name -> tensor)"
+    )
+  out = {}
+  for k, v in sd.items():
+    if not isinstance(v, torch.Tensor):
+      raise CheckpointReadError(
+        f"PyTorch checkpoint {path}: key {k!r} holds {_describe(v)}; expected a tensor (a flat state dict, as "
+        "save_pretrained writes)"
+      )
+    out[k] = v.float().numpy() if v.is_floating_point() else v.numpy()
+  return out
+
+
+def _describe(value) -> str:
+  """'an int (3)', 'a dict': what a value is, for a message."""
+  name = type(value).__name__
+  article = "an" if name[:1].lower() in "aeiou" else "a"
+  shown = f" ({value!r})" if isinstance(value, (int, float, str, bool)) and len(repr(value)) <= 40 else ""
+  return f"{article} {name}{shown}"
 
 
 def read_state_dict(
