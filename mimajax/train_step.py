@@ -7,7 +7,9 @@ randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an unint
 non-finite loss or gradient in any group leaves the whole state unchanged and is reported in the
 metrics (`finite`), so the caller can stop with the last good state in hand. So does a step whose loss
 and gradients are finite but whose update is not (an overflowing learning rate or weight decay): the
-step is finite only when everything it would save is (`all_finite`), so every checkpoint is.
+step is finite only when everything it would keep is (`all_finite`), and its parameters usable
+(`usable_params`: |p| <= sqrt(float max), 2^64 for float32, beyond which p^2 overflows), so every
+checkpoint holds a state the next step can compute with.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -118,6 +121,27 @@ def all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
+def param_limit(dtype) -> float:
+  """The largest parameter magnitude a step accepts: sqrt of the format's max (2^64 ~ 1.8e19 for float32 and
+  bfloat16), beyond which the parameter's square overflows, so every variance, norm or second moment computed
+  from it (normalisation layers, weight norms, Adam's v of gradients that scale with it) is inf: such a state
+  is already diverged even while finite. Trained diffusion weights are below ~1e3. Formats whose square root
+  of max would be small (float16: 256) keep plain finiteness as the test."""
+  info = jnp.finfo(dtype)
+  return float(np.sqrt(info.max)) if info.max > 1e38 else float(info.max)
+
+
+def usable_params(*trees) -> jax.Array:
+  """Whether every floating-point parameter of `trees` is finite and |p| <= param_limit (NaN fails the compare):
+  one fused reduction per leaf, ANDed."""
+  flags = [
+    (jnp.abs(x) <= param_limit(x.dtype)).all()
+    for x in jax.tree.leaves(trees)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
   def split(x):
     if x.shape[0] % n:
@@ -138,6 +162,7 @@ def make_train_step(
   optimizers: Mapping[str, optax.GradientTransformation],
   *,
   rests: Mapping[str, nnx.State] | None = None,
+  untrained: Mapping[str, frozenset] | None = None,
   accumulation_steps: int = 1,
   ema_decay: float | None = None,
   prepare: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]] | None = None,
@@ -150,7 +175,10 @@ def make_train_step(
   model's inside the step (e.g. a frozen VAE encoding frames); `frozen` is an argument, not closed over,
   so large frozen weights are sharded inputs rather than constants baked into the program. `rests`
   are the groups' non-parameter variables that are not carried in the state (empty ones).
-  `update_extra(extra, aux by group, batch)` advances the family's extra state.
+  `untrained` holds, per group, the paths its optimizer leaves frozen: no gradient is computed for them
+  (stop_gradient), so a stage that tunes a few layers does not pay for the backward pass of the rest.
+  Every group's loss gets the same step key, so a discriminator judges the very samples the generator's
+  loss drew. `update_extra(extra, aux by group, batch)` advances the family's extra state.
   Metrics: `loss`, `grad_norm` and the scalar aux of a single group; `<group>/...` with several.
   """
   groups = tuple(graphdefs)
@@ -161,11 +189,20 @@ def make_train_step(
     fresh = lambda tree: jax.tree.map(lambda x: x, tree)
     return {h: nnx.merge(graphdefs[h], params[h], fresh(buffers[h]) if h in buffers else rests[h]) for h in groups}
 
-  def grads_of(group, state, batch, rng):
-    buffers = state.buffers or {}
+  untrained = dict(untrained or {})
 
+  def without_untrained_grads(group, p):
+    paths = untrained.get(group)
+    if not paths:
+      return p
+    flat = nnx.to_flat_state(p)
+    return nnx.from_flat_state(
+      [(path, v.replace(jax.lax.stop_gradient(v[...])) if tuple(path) in paths else v) for path, v in flat]
+    )
+
+  def grads_of(group, state, buffers, batch, rng):
     def objective(p):
-      modules = modules_of({**state.params, group: p}, buffers)
+      modules = modules_of({**state.params, group: without_untrained_grads(group, p)}, buffers)
       loss, aux = losses[group](modules, batch, rng, state.extra)
       new_buffers = nnx.state(modules[group], nnx.Not(nnx.Param)) if group in buffers else None
       return loss, (aux, new_buffers)
@@ -173,24 +210,27 @@ def make_train_step(
     return jax.value_and_grad(objective, has_aux=True)(state.params[group])
 
   def group_step(group, state, batch, rng):
+    buffers = dict(state.buffers or {})
     if accumulation_steps == 1:
-      (loss, (aux, buffers)), grads = grads_of(group, state, batch, rng)
+      (loss, (aux, new_buffers)), grads = grads_of(group, state, buffers, batch, rng)
     else:
       micro = _split_micro(batch, accumulation_steps)
 
-      def body(carry, xs):
+      def body(carry, xs):  # the group's statistics advance micro-batch by micro-batch, as in one large batch
         i, mb = xs
-        (l, (a, b)), g = grads_of(group, state, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, (l, g)), (a, b)
+        total, summed, bufs = carry
+        (l, (a, b)), g = grads_of(group, state, bufs, mb, jax.random.fold_in(rng, i))
+        bufs = {**bufs, group: b} if b is not None else bufs
+        return (total + l, jax.tree.map(jnp.add, summed, g), bufs), a
 
-      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params[group]))
-      (loss, grads), (auxs, buffers) = jax.lax.scan(body, zeros, (jnp.arange(accumulation_steps), micro))
+      zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params[group]), buffers)
+      (loss, grads, buffers), auxs = jax.lax.scan(body, zeros, (jnp.arange(accumulation_steps), micro))
       loss, grads = loss / accumulation_steps, jax.tree.map(lambda g: g / accumulation_steps, grads)
       aux = _join_micro(auxs)
-      buffers = None if buffers is None else jax.tree.map(lambda x: x[-1], buffers)  # after the last micro-batch
+      new_buffers = buffers.get(group)
     updates, opt_state = optimizers[group].update(grads, state.opt_state[group], state.params[group])
     params = optax.apply_updates(state.params[group], updates)
-    return loss, aux, params, opt_state, buffers, optax.tree.norm(grads)
+    return loss, aux, params, opt_state, new_buffers, optax.tree.norm(grads)
 
   def step(state: TrainState, batch: Mapping[str, jax.Array], frozen: Any = None):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -212,8 +252,9 @@ def make_train_step(
     if ema is not None:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
     # Finite loss and gradients can still overflow the update (learning rate x Adam step, or decoupled weight
-    # decay lr * wd * p of already huge weights): the step also needs everything it would keep to be finite.
-    finite = finite & all_finite(params, opt_state, buffers, extra, ema)
+    # decay lr * wd * p of already huge weights): the step also needs everything it would keep to be finite,
+    # and its parameters within param_limit.
+    finite = finite & usable_params(params, ema) & all_finite(opt_state, buffers, extra)
     # A non-finite step changes nothing: the caller stops on `finite == False` with the last good state.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new = TrainState(
@@ -246,11 +287,20 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
   if bool(metrics["finite"]):
     return
   bad = sorted(k for k, v in metrics.items() if k != "finite" and not bool(jnp.all(jnp.isfinite(v))))
-  where = bad or ["the updated parameters or optimizer state (loss and gradients were finite)"]
+  where = bad or [
+    "the updated parameters or optimizer state (loss and gradients were finite): an update overflowed or threw "
+    "parameters beyond param_limit (2^64 for float32)"
+  ]
   raise FloatingPointError(
     f"non-finite values at step {step} in {where}; the state was left at step {step - 1}, the last whose loss, "
     f"gradients and updated state were all finite (a diverging run: lower config.train.learning_rate)"
   )
+
+
+def untrained_paths(params: nnx.State, config) -> frozenset:
+  """The parameter paths a group's `families.OptimizerConfig` leaves frozen (no gradient computed for them)."""
+  labels = trainable_labels(params, list(config.trainable) or [".*"])
+  return frozenset(tuple(path) for path, label in nnx.to_flat_state(labels) if label == "frozen")
 
 
 def make_group_optimizer(params: nnx.State, config) -> optax.GradientTransformation:

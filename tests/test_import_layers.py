@@ -1,7 +1,13 @@
 """The import structure: no cycle between any two modules (import-linter's acyclic_siblings contract checks
 siblings; this checks every module, a package's __init__ against its own children included)."""
 
+import pkgutil
+from pathlib import Path
+
 import grimp
+import tomllib
+
+import mimajax
 
 ROOTS = ("mimajax", "data_pipeline", "configs")
 
@@ -64,3 +70,19 @@ def test_the_cycle_finder_finds_one():
   graph.add_import(importer="a.c", imported="a.d")
   graph.add_import(importer="a.d", imported="a.b")
   assert _cycles(graph) == [["a.b", "a.c", "a.d"]]
+
+
+# Above the shared library: the model families and the tools (the command line, the parity checks).
+FAMILIES = {"mimaface"}
+TOOLS = {"cli", "parity"}
+
+
+def test_every_top_level_module_has_a_layer():
+  """A new module under mimajax/ must be named in the shared-library contract (pyproject.toml), or be a
+  family or a tool here: otherwise the contracts would silently not cover it."""
+  config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+  shared_contract = config["tool"]["importlinter"]["contracts"][0]
+  shared = {m.removeprefix("mimajax.") for m in shared_contract["source_modules"] if m.startswith("mimajax.")}
+  modules = {m.name for m in pkgutil.iter_modules(mimajax.__path__)}
+  assert modules - shared - FAMILIES - TOOLS == set()
+  assert shared & (FAMILIES | TOOLS) == set()

@@ -36,7 +36,7 @@ from mimajax.convert.state_dict import merge_params
 from mimajax.diffusion import schedulers
 from mimajax.face3d import synthetic_model
 from mimajax.face3d.morphable_model import MorphableModel
-from mimajax.mimaface import conditioning
+from mimajax.mimaface import conditioning, ica
 from mimajax.mimaface import factory as mimaface_factory
 from mimajax.mimaface.export import export_mimaface
 from mimajax.mimaface.inference import load_inference
@@ -89,7 +89,7 @@ def parity_inputs(model: MIMAFace, frames: int, latent: int, seed: int = 0, batc
   rng = np.random.default_rng(seed + 100)
   side = model.config.clip.image_size
   lead = (batch, frames)
-  k = max(1, frames // 4)  # the first k frames carry the previous clip's latents
+  k = ica.inference_overlap(frames)  # the first k frames carry the previous clip's latents
   mask = np.zeros(lead + (latent, latent, 1), np.float32)
   mask[:, :k] = 1.0
   return dict(

@@ -69,8 +69,6 @@ class Reporter:
     self.peak = peak_flops()
     self.devices = jax.device_count()
     self._last_time, self._last_step = time.perf_counter(), start
-    self._sums: dict[str, float] = {}
-    self._count = 0
 
   def set_flops(self, flops: float | None) -> None:
     self.flops = flops
@@ -79,7 +77,6 @@ class Reporter:
     if self.bar is not None:
       self.bar.update(1)
     # Metrics stay on device until a report is due: fetching every step would serialise the host and the device.
-    self._pending = metrics
     if step % self.every and step != getattr(self.bar, "total", None):
       return
     values = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0 and k != "finite"}
@@ -94,7 +91,8 @@ class Reporter:
     self._last_time, self._last_step = now, step
     self.writer.write_scalars(step, values)
     if self.bar is not None:
-      self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "steps_per_s", "mfu")})
+      shown = {k: v for k, v in values.items() if k in ("loss", "steps_per_s", "mfu") or k.endswith("/loss")}
+      self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
 
   def close(self) -> None:
     if self.bar is not None:
