@@ -1,27 +1,73 @@
-"""The `mimajax` command: dataset preparation, training, animation, export, parity checks and benchmarks."""
+"""The `mimajax` command: dataset preparation, training, animation, export, parity checks and benchmarks.
+
+Errors are one or two lines on stderr (mimajax/cli_errors.py); exit code 2 for bad input, 1 for a failed check or
+run. `mimajax --debug VERB ...` (or MIMAJAX_DEBUG=1) also prints the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from data_pipeline.bench import add_arguments as loader_bench_arguments
 from data_pipeline.motion_extraction import add_arguments as extract_motion_arguments
 from data_pipeline.prepare import add_arguments as prepare_arguments
-from mimajax import families
+from mimajax import cli_errors, families
 from mimajax.errors import CheckpointReadError
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
 
+# What --pretrained must be, per component (a pipeline folder holds the diffusers components as subfolders).
+PRETRAINED_EXPECTED = {
+  "unet": "a diffusers UNet2DConditionModel folder (config.json + weights) or an SD pipeline folder with unet/",
+  "vae": "a diffusers AutoencoderKL folder (config.json + weights) or an SD pipeline folder with vae/",
+  "clip": "a transformers CLIP or CLIP vision folder (config.json + weights)",
+  "mimaface": "a MIMAFace training workdir, checkpoint step, export or release folder",
+}
+DIFFUSERS = ("unet", "vae")  # read by diffusers' from_pretrained
+
+
+def _diffusers_folder_problem(component: str, folder: Path) -> str | None:
+  """What is wrong with a --pretrained folder for a diffusers component, found before diffusers reads it (whose
+  own errors come with its warnings and a traceback); None if its config.json is there and is JSON."""
+  config = (folder / component if (folder / component).is_dir() else folder) / "config.json"
+  if not config.is_file():
+    return f"it has neither config.json nor {component}/config.json"
+  try:
+    json.loads(config.read_text())
+  except (OSError, ValueError) as e:
+    return f"{config} is not readable JSON ({type(e).__name__}: {e})"
+  if not any(config.parent.glob("diffusion_pytorch_model*")):
+    return f"{config.parent} has no weights (diffusion_pytorch_model.safetensors or .bin)"
+  return None
+
 
 def _parity(args) -> int:
+  """PASS / FAIL and rel_err= last on stdout; exit 0, 1 above tolerance, 2 for an unusable --pretrained."""
+  prog = "mimajax parity"
   fn = COMPONENTS[args.component]
-  if args.component == "scheduler":
-    if args.pretrained:
-      print("--pretrained does not apply to --component scheduler (its config is SD1.5's)", file=sys.stderr)
-      return 2
-    err = fn(size=args.size, seed=args.seed)
-  else:
-    err = fn(size=args.size, pretrained=args.pretrained, seed=args.seed)
+  if args.pretrained:
+    if args.component not in PRETRAINED_EXPECTED:
+      why = "its config is SD1.5's" if args.component == "scheduler" else "it compares random weights only"
+      return cli_errors.fail(prog, f"--pretrained does not apply to --component {args.component} ({why})")
+    expected = PRETRAINED_EXPECTED[args.component]
+    if not Path(args.pretrained).is_dir():
+      return cli_errors.fail(prog, f"--pretrained {args.pretrained} is not a folder; expected {expected}")
+    problem = _diffusers_folder_problem(args.component, Path(args.pretrained)) if args.component in DIFFUSERS else None
+    if problem:
+      return cli_errors.fail(prog, f"--pretrained {args.pretrained}: {problem}; expected {expected}")
+  try:
+    if args.component == "scheduler":
+      err = fn(size=args.size, seed=args.seed)
+    else:
+      err = fn(size=args.size, pretrained=args.pretrained, seed=args.seed)
+  except (OSError, ValueError) as e:
+    if not args.pretrained:
+      raise  # random weights: not the user's input, a failure (exit 1)
+    # diffusers / transformers raise OSError for a folder they cannot read and ValueError for one that does not fit
+    context = f"cannot use --pretrained {args.pretrained} (expected {expected})"
+    return cli_errors.report(prog, e, code=cli_errors.BAD_INPUT, context=context)
   ok = err <= PARITY_TOLERANCE
   print(f"{'PASS' if ok else 'FAIL'}: tolerance {PARITY_TOLERANCE:g} (fp32 relative L2)")
   print(f"rel_err={err:.3e}")
@@ -41,8 +87,7 @@ def _bench(args) -> int:
   from mimajax.models.unet_config import UNetConfig
 
   if args.what != "unet":
-    print(f"unknown benchmark {args.what!r}; expected 'unet' or 'loader'", file=sys.stderr)
-    return 2
+    return cli_errors.fail("mimajax bench", f"unknown benchmark {args.what!r}; expected 'unet' or 'loader'")
   args.batch = args.batch or 1
   args.resolution = args.resolution or 256
   cfg = UNetConfig(**common.model_config(args.size).unet.to_dict())
@@ -70,7 +115,8 @@ FAMILY_VERBS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="mimajax", description=__doc__)
+  parser = argparse.ArgumentParser(prog="mimajax", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or MIMAJAX_DEBUG=1)")
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("parity", help="compare a component against its PyTorch reference; last line rel_err=")
@@ -135,8 +181,7 @@ def _family_verb(verb: str, argv: list[str]) -> int:
   family = families.get(name)
   command = family.commands.get(verb)
   if command is None:
-    print(f"mimajax {verb}: the {name!r} model family has no {verb} command", file=sys.stderr)
-    return 2
+    return cli_errors.fail(f"mimajax {verb}", f"the {name!r} model family has no {verb} command")
   parser = argparse.ArgumentParser(prog=f"mimajax {verb}", description=command.help)
   command.add_arguments(parser)
   return command.run(parser.parse_args(argv))
@@ -164,14 +209,30 @@ def _train(argv: list[str]) -> int:
 ABSL_COMMANDS = {"train": _train}
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
+def _dispatch(argv: list[str]) -> int:
   if argv and argv[0] in ABSL_COMMANDS:
     return ABSL_COMMANDS[argv[0]](argv[1:])
   if argv and argv[0] in FAMILY_VERBS:
     return _family_verb(argv[0], argv[1:])
   args = build_parser().parse_args(argv)
   return args.fn(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`mimajax [--debug] VERB ...`; an error no command handled is reported by cli_errors (exit 2 / 1)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  debug = False
+  while argv and argv[0] == "--debug":
+    debug, argv = True, argv[1:]
+  prog = f"mimajax {argv[0]}" if argv and not argv[0].startswith("-") else "mimajax"
+  with cli_errors.debugging(debug):
+    try:
+      return _dispatch(argv)
+    except KeyboardInterrupt:
+      print(f"{prog}: interrupted", file=sys.stderr)
+      return 130
+    except Exception as e:  # noqa: BLE001  (every error ends here as one or two lines, not a traceback)
+      return cli_errors.report(prog, e)
 
 
 if __name__ == "__main__":
