@@ -9,8 +9,10 @@ command line); the per-frame fit is mimajax.faces.motion_fit, shared with `mimaj
 Pass 1, per clip: the crop `prepare` will store (the centre square, or its Haar face box with crop="detect";
 clip_files.py and mimajax.faces.detection, as prepare), so the coefficients describe the stored frames ->
 mimajax.faces.landmarks.FaceLandmarker.track -> 478 landmarks in the crop scaled to 224 px, cached as
-`<clip>.landmarks.npz`. Gaps of up to max_gap frames without a face are interpolated from their neighbours
-(motion_fit.fill_gaps); a clip with a longer gap or no face at all gets no coefficients (prepare counts it as missing).
+`<clip>.landmarks.npz`, keyed by the options that shape them (crop, face_margin) and by the video it was made
+from (size, mtime and SHA-256): a replaced or repaired clip is redone. Gaps of up to max_gap frames without a
+face are interpolated from their neighbours (motion_fit.fill_gaps); a clip with a longer gap or no face at all gets
+no coefficients (prepare counts it as missing).
 Pass 2: motion_fit.fit_pose of every frame of every usable clip; the expression basis is the PCA of all their
 canonical-frame shapes (ShapePCA): mean shape + basis @ beta, up to 64 components (zero-padded), whitened (unit
 variance over the dataset), written to face_model.npz; then each clip's rows (motion_fit.motion_coefficients: angle,
@@ -20,6 +22,7 @@ translation, expression in that basis, gaze, default lighting) are written as `<
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 FACE_MODEL = "face_model.npz"
 SUMMARY = "motion_extraction.json"
 CACHE_SUFFIX = ".landmarks.npz"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: keyed by the video's content too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +140,40 @@ def _cache_key(options: ExtractOptions) -> dict:
   return dict(version=CACHE_VERSION, crop=options.crop, face_margin=options.face_margin)
 
 
-def load_cache(path: Path, options: ExtractOptions) -> dict | None:
-  """A clip's cached landmarks, or None if absent, unreadable or made with another crop."""
+def _sha256(path: str | os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def video_stamp(video_path: str | os.PathLike) -> dict:
+  """What a cache was made from: the video's size, mtime and SHA-256 (read once; far less than decoding it)."""
+  st = os.stat(video_path)
+  return dict(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=_sha256(video_path))
+
+
+def _same_video(saved: dict, video_path: str | os.PathLike) -> bool:
+  """Whether the video is the one a cache was made from: same size, and same mtime or (touched or copied
+  without its times) same SHA-256. A same-size replacement that keeps the mtime to the nanosecond is the one
+  change not seen without hashing every video on every run."""
+  st = os.stat(video_path)
+  if saved.get("size") != st.st_size:
+    return False
+  return saved.get("mtime_ns") == st.st_mtime_ns or saved.get("sha256") == _sha256(video_path)
+
+
+def load_cache(path: Path, options: ExtractOptions, video_path: str | os.PathLike | None = None) -> dict | None:
+  """A clip's cached landmarks, or None if absent, unreadable, made with another crop, or (given the video)
+  made from other content than the video now has."""
   try:
     with np.load(path, allow_pickle=False) as f:
-      if json.loads(str(f["key"])) != _cache_key(options):
+      key = json.loads(str(f["key"]))
+      video = key.pop("video", None)
+      if key != _cache_key(options):
+        return None
+      if video_path is not None and (video is None or not _same_video(video, video_path)):
         return None
       return dict(landmarks=f["landmarks"], found=f["found"])
   except Exception:  # noqa: BLE001  (any unusable cache is recomputed)
@@ -160,12 +192,14 @@ def _landmarks_job(job: tuple[str, str, ExtractOptions]) -> None:
   if _LANDMARKER is None:
     _LANDMARKER = FaceLandmarker()
   try:
+    video = video_stamp(video_path)  # before reading: a clip replaced meanwhile is redone next run
     landmarks, found = clip_landmarks(video_path, options, _LANDMARKER)
   except Exception as e:  # noqa: BLE001  (bad input never stops the job: the clip gets no coefficients)
     log.warning("landmarks of %s failed: %r", video_path, e)
+    Path(cache).unlink(missing_ok=True)  # an older cache is of other content
     return
   tmp = cache + ".tmp.npz"
-  np.savez(tmp, landmarks=landmarks, found=found, key=np.array(json.dumps(_cache_key(options))))
+  np.savez(tmp, landmarks=landmarks, found=found, key=np.array(json.dumps(dict(_cache_key(options), video=video))))
   os.replace(tmp, cache)
 
 
@@ -207,7 +241,9 @@ def extract_motion(
       clips.append((e, npy, cache))
     else:
       provided += 1
-  jobs = [(e.video_path, str(cache), options) for e, _, cache in clips if load_cache(cache, options) is None]
+  jobs = [
+    (e.video_path, str(cache), options) for e, _, cache in clips if load_cache(cache, options, e.video_path) is None
+  ]
   for _, _, cache in clips:
     cache.parent.mkdir(parents=True, exist_ok=True)
   with tqdm(total=len(jobs), unit="video", disable=not progress, desc="landmarks") as bar:
@@ -223,7 +259,7 @@ def extract_motion(
   # pass 2: the PCA over every usable clip, then each clip's coefficients
   pca, usable, no_face = ShapePCA(), [], []
   for entry, npy, cache in clips:
-    data = load_cache(cache, options)
+    data = load_cache(cache, options, entry.video_path)
     landmarks = None if data is None else motion_fit.fill_gaps(data["landmarks"], data["found"], options.max_gap)
     if landmarks is None:
       no_face.append(entry.video_id)

