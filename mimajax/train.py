@@ -222,30 +222,84 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
 
 
 def main(argv: list[str]) -> int:
-  """`mimajax train --config FILE[:arg] --workdir DIR [--config.x=y ...]` (absl/ml_collections flags)."""
+  """`mimajax train --config FILE[:arg] --workdir DIR [--config.x=y ...]` (absl/ml_collections flags).
+
+  Errors are one or two lines on stderr (mimajax/cli_errors.py): exit 2 for bad flags or configs (a missing or
+  broken config file, an unknown field, a value the checks refuse), 1 when training fails (a non-finite loss).
+  """
+  import re
+
   from absl import flags
   from ml_collections import config_flags
 
-  fv = flags.FlagValues()
-  argv = ["mimajax train", *argv]
-  saved_argv, sys.argv = sys.argv, argv  # config_flags finds `--config.x=y` overrides in sys.argv
+  from mimajax import cli_errors
+
+  prog = "mimajax train"
+  usage = "expected --config FILE[:ARG] --workdir DIR [--config.FIELD=VALUE ...]"
+
+  def flag_value(name: str) -> str | None:
+    for i, arg in enumerate(argv):
+      if arg == name and i + 1 < len(argv):
+        return argv[i + 1]
+      if arg.startswith(name + "="):
+        return arg.split("=", 1)[1]
+    return None
+
+  def parse(args: list[str]) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    saved_argv, sys.argv = sys.argv, args  # config_flags finds `--config.x=y` overrides in sys.argv
+    try:
+      config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=fv,
+                                      lock_config=True)  # fmt: skip
+      flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples; rerun to resume", flag_values=fv)
+      fv(args)
+    finally:
+      sys.argv = saved_argv
+    return fv
+
+  def unknown_field(e: Exception) -> str:
+    """`--config.data.no_such=1`: ml_collections says only KeyError("'no_such'"); name the override and the fields."""
+    found = re.search(r"'([^']+)'", str(e))
+    name = found.group(1) if found else str(e)
+    override = next((a for a in argv if a.startswith("--config.") and name in a.split("=", 1)[0].split(".")), None)
+    path = override.split("=", 1)[0][2:].split(".") if override else ["config", name]
+    parent = path[: path.index(name)] if name in path else path[:-1]
+    fields = ""
+    try:  # the config as the file makes it, without the overrides
+      node = parse(["mimajax train", "--config", config_arg]).config
+      for key in parent[1:]:
+        node = node[key]
+      fields = f"; its fields: {', '.join(sorted(node.keys()))}"
+    except Exception:  # noqa: BLE001  (the listing is a courtesy)
+      pass
+    return f"{override or name}: {'.'.join(parent)} has no field {name!r}{fields}"
+
+  config_arg = flag_value("--config")
+  if config_arg is not None and not Path(config_arg.split(":", 1)[0]).is_file():
+    return cli_errors.fail(prog, f"--config {config_arg}: no such file; expected an experiment config file such "
+                                 "as configs/tiny.py")  # fmt: skip
   try:
-    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", flag_values=fv,
-                                    lock_config=True)  # fmt: skip
-    flags.DEFINE_string("workdir", None, "checkpoints, metrics, samples; rerun to resume", flag_values=fv)
-    fv(argv)
-  except (flags.Error, KeyError, AttributeError, ValueError) as e:
-    print(f"mimajax train: {e}", flush=True)
-    return 2
-  finally:
-    sys.argv = saved_argv
-  if fv.config is None or not fv.workdir:
-    print("mimajax train: --config and --workdir are required", flush=True)
-    return 2
+    fv = parse(["mimajax train", *argv])
+  except AttributeError as e:  # an override of a field the config does not have
+    return cli_errors.fail(
+      prog, unknown_field(e) if any(isinstance(x, KeyError) for x in (*e.args, e.__context__)) else str(e)
+    )
+  except flags.Error as e:  # an unknown flag, a value of the wrong type
+    return cli_errors.fail(prog, f"{e}; {usage}")
+  except Exception as e:  # noqa: BLE001  (the config file itself fails: a syntax error, its get_config raising)
+    return cli_errors.report(prog, e, code=cli_errors.BAD_INPUT, context=f"cannot load --config {config_arg}")
+  if config_arg is None or not fv.workdir:
+    return cli_errors.fail(prog, f"--config and --workdir are required; {usage}")
+  try:
+    config = fv.config
+    config.get("total_steps")  # a config file that failed to load fails here
+  except Exception as e:  # noqa: BLE001
+    return cli_errors.report(prog, e, code=cli_errors.BAD_INPUT, context=f"cannot load --config {config_arg}")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   try:
-    train(fv.config, fv.workdir)
-  except (ValueError, FloatingPointError, checkpointing.CheckpointReadError) as e:
-    print(f"mimajax train: {type(e).__name__}: {e}", flush=True)
-    return 1
+    train(config, fv.workdir)
+  except FloatingPointError as e:  # the run failed (the last good checkpoint is kept)
+    return cli_errors.report(prog, e, code=cli_errors.FAILED)
+  except ValueError as e:  # a config or workdir the checks refuse (CheckpointReadError included)
+    return cli_errors.report(prog, e, code=cli_errors.BAD_INPUT)
   return 0

@@ -127,7 +127,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
   code = train.main(
     _args(demo_data, tmp_path, 6, "--config.train.learning_rate=1e30", "--config.train.max_grad_norm=0")
   )
-  out = capsys.readouterr().out
+  out = capsys.readouterr().err  # errors go to stderr
   assert code == 1
   assert "FloatingPointError: non-finite values at step" in out
   bad_step = int(out.split("non-finite values at step")[1].split()[0])
@@ -146,11 +146,40 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
   ],
 )
 def test_bad_config_is_refused_with_the_field_named(demo_data, tmp_path, capsys, override, message):
-  assert train.main(_args(demo_data, tmp_path, 2, override)) == 1
-  assert message in capsys.readouterr().out
+  assert train.main(_args(demo_data, tmp_path, 2, override)) == 2
+  captured = capsys.readouterr()
+  last = captured.err.strip().splitlines()[-1]
+  assert last.startswith("mimajax train: error:") and message in last and message not in captured.out
 
 
-def test_missing_flags_and_unknown_overrides_exit_2(tmp_path, capsys):
-  assert train.main(["--config", "configs/tiny.py"]) == 2
-  assert train.main(["--config", "configs/tiny.py", "--workdir", str(tmp_path), "--config.no_such_field=1"]) == 2
-  assert "no_such_field" in capsys.readouterr().out
+def test_missing_flags_unknown_overrides_and_config_files_exit_2_in_one_line(tmp_path, capsys):
+  def refused(*argv):
+    assert train.main(list(argv)) == 2
+    captured = capsys.readouterr()
+    assert not captured.out and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert captured.err.startswith("mimajax train: error: ") and "Traceback" not in captured.err
+    return captured.err
+
+  workdir = str(tmp_path / "run")
+  assert "--config and --workdir are required" in refused("--config", "configs/tiny.py")
+  err = refused("--config", "configs/tiny.py", "--workdir", workdir, "--config.no_such_field=1")
+  assert "--config.no_such_field=1: config has no field 'no_such_field'; its fields: bench, checkpoint" in err
+  err = refused("--config", "configs/tiny.py", "--workdir", workdir, "--config.data.no_such=1")
+  assert "config.data has no field 'no_such'; its fields: batch_size" in err
+  assert "invalid literal for int()" in refused("--config", "configs/tiny.py", "--workdir", workdir,
+                                                "--config.total_steps=many")  # fmt: skip
+  assert "--config configs/nope.py: no such file" in refused("--config", "configs/nope.py", "--workdir", workdir)
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  err = refused("--config", str(tmp_path / "broken.py"), "--workdir", workdir)
+  assert "cannot load --config" in err and "SyntaxError" in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_debug_prints_the_traceback_of_a_refused_config(tmp_path, capsys):
+  from mimajax import cli
+
+  argv = ["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--config.stage=3"]
+  assert cli.main(["--debug", *argv]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err
+  assert err.strip().splitlines()[-1].startswith("mimajax train: error: config.stage must be 1")
