@@ -75,6 +75,24 @@ def read_frames(path: str, step: int = 1) -> Iterator[tuple[int, np.ndarray]]:
     cap.release()
 
 
+def frame_counts(path: str) -> tuple[int, int | None]:
+  """(frames that decode, frames the container declares or None if it declares none) of the video at `path`; the
+  two differ for a truncated or corrupt file. Decodes without converting (cheap next to `read_frames`)."""
+  import cv2
+
+  cap = cv2.VideoCapture(path)
+  try:
+    if not cap.isOpened():
+      return 0, None
+    declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    decoded = 0
+    while cap.grab():
+      decoded += 1
+    return decoded, (declared if declared > 0 else None)
+  finally:
+    cap.release()
+
+
 def read_video(path: str) -> np.ndarray:
   """All frames (N, H, W, 3) uint8 RGB, as `prepare` decodes them (for tests and small clips)."""
   frames = [f for _, f in read_frames(path)]

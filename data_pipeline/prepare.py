@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 
 from data_pipeline import clip_files, records
+from mimajax import cli_errors
 from mimajax.face3d import coefficient_files
 from mimajax.faces import detection
 
@@ -46,7 +47,7 @@ SKIP_REASONS = (
   "unreadable_coefficients",  # the file exists but cannot be loaded (or a .mat without `coeff`)
   "bad_coefficient_shape",  # not (frames, 257 | 261)
   "nan_coefficients",  # NaN or inf anywhere
-  "unreadable_video",  # no frame could be decoded
+  "unreadable_video",  # no frame could be decoded, or fewer than the container declares (truncated, corrupt)
   "too_short",  # fewer than min_frames frames
   "coefficient_frames_mismatch",  # coefficient rows != decoded frames
   "no_face",  # crop="detect" and the Haar cascade found no face
@@ -117,16 +118,32 @@ def segment_bounds(num_frames: int, frames_per_record: int) -> list[tuple[int, i
   return list(zip(edges[:-1], edges[1:]))
 
 
+def _check_decodes(path: str, decoded: int | None = None) -> None:
+  """SkipVideo("unreadable_video") if the video decodes no frame or fewer than its container declares (a truncated
+  or corrupt file): asked before a clip is skipped for what a broken file would also cause (no face, a frame count
+  that differs from the coefficients', too few frames)."""
+  counted, declared = clip_files.frame_counts(path)
+  decoded = counted if decoded is None else decoded
+  if not decoded:
+    raise SkipVideo("unreadable_video", f"{path}: no frame could be decoded")
+  if declared is not None and decoded < declared - 1:  # a container's count may be off by one (rounded duration)
+    raise SkipVideo(
+      "unreadable_video", f"{path}: decodes only {decoded} of the {declared} frames its container declares "
+      "(truncated or corrupt)"
+    )  # fmt: skip
+
+
 def process_video(entry: clip_files.VideoEntry, identity: int, options: PrepareOptions) -> list[records.Record]:
   """One clip -> its records; SkipVideo(reason, message) if it is unusable."""
   coeffs = _clip_coefficients(entry.coefficient_path, options.coefficient_dim)
   box = None
   if options.crop == "detect":
     box = clip_files.clip_face_box(entry.video_path, options.face_margin)
+    if box is None:
+      _check_decodes(entry.video_path)  # a broken file is unreadable, not faceless
+      raise SkipVideo("no_face", f"{entry.video_path}: the Haar cascade found no face in the sampled frames")
   frames = []
   for _, rgb in clip_files.read_frames(entry.video_path):
-    if options.crop == "detect" and box is None:
-      raise SkipVideo("no_face", f"{entry.video_path}: the Haar cascade found no face in the sampled frames")
     frames.append(
       records.encode_frame(
         detection.crop_and_resize(rgb, box, options.resolution), options.image_format, options.quality
@@ -134,6 +151,8 @@ def process_video(entry: clip_files.VideoEntry, identity: int, options: PrepareO
     )
   if not frames:
     raise SkipVideo("unreadable_video", f"{entry.video_path}: no frame could be decoded")
+  if len(frames) < options.min_frames or len(frames) != len(coeffs):
+    _check_decodes(entry.video_path, len(frames))  # a truncated file: unreadable, not too short or mismatched
   if len(frames) < options.min_frames:
     raise SkipVideo("too_short", f"{entry.video_path}: {len(frames)} frames < min_frames={options.min_frames}")
   if len(frames) != len(coeffs):
@@ -361,14 +380,26 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+  """`mimajax prepare`: 0; 2 (one line on stderr) for bad input (a missing or empty --input, options, a rerun with
+  other options); 1 when every video was skipped (the counts per reason named; manifest.json lists each)."""
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  options = PrepareOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareOptions)})
-  manifest = prepare(args.input, args.output, coefficients_dir=args.coefficients, options=options,
-                     workers=args.workers, progress=not args.no_progress,
-                     coefficients_source=args.coefficients_source, extract_motion=args.extract_motion)  # fmt: skip
+  prog = "mimajax prepare"
+  try:
+    options = PrepareOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareOptions)})
+    manifest = prepare(args.input, args.output, coefficients_dir=args.coefficients, options=options,
+                       workers=args.workers, progress=not args.no_progress,
+                       coefficients_source=args.coefficients_source, extract_motion=args.extract_motion)  # fmt: skip
+  except ValueError as e:
+    return cli_errors.report(prog, e, code=cli_errors.BAD_INPUT)
   c = manifest["counts"]
   skipped = {r: n for r, n in c["skipped"].items() if n}
   print(f"videos={c['videos']}/{c['videos_found']} records={c['records']} frames={c['frames']} skipped={skipped}")
+  if not c["videos"]:
+    why = ", ".join(f"{reason}: {n}" for reason, n in skipped.items())
+    n = c["videos_found"]
+    which = f"all {n} videos were" if n != 1 else "the one video was"
+    return cli_errors.fail(prog, f"{which} skipped ({why}); each clip's reason is in "
+                                 f"{Path(args.output) / MANIFEST} under 'skipped'", code=cli_errors.FAILED)  # fmt: skip
   return 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -316,3 +317,66 @@ def test_tfds_builder_writes_array_record_readable_by_data_source(tmp_path):
   frames = np.stack([records.decode_frame(rec.frames[i]) for i in idx])
   np.testing.assert_array_equal(batch["frames"][0], frames)
   np.testing.assert_array_equal(batch["motion"][0], coeffs[idx])
+
+
+def _cut_video(path, num_frames=30):
+  """A faststart mp4 (its index first) of noise frames, cut in half: the container declares num_frames, fewer
+  decode (a truncated download). Noise: no face, and too many bytes for the cut to miss the frames."""
+  import imageio_ffmpeg
+
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  frames = np.random.default_rng(0).integers(0, 255, (num_frames, 64, 64, 3), dtype=np.uint8)
+  writer = imageio_ffmpeg.write_frames(str(path), (64, 64), fps=25, macro_block_size=1, ffmpeg_log_level="error",
+                                       output_params=["-movflags", "+faststart"])  # fmt: skip
+  writer.send(None)
+  for frame in frames:
+    writer.send(frame)
+  writer.close()
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  return path
+
+
+@pytest.mark.parametrize("crop", ["detect", "center"])
+def test_a_video_that_decodes_only_partly_is_unreadable_not_faceless_or_mismatched(tmp_path, crop):
+  src = tmp_path / "in"
+  _cut_video(src / "id1/cut/00001.mp4", 30)
+  np.save(src / "id1/cut/00001.npy", np.zeros((30, 257), np.float32))
+  options = prepare.PrepareOptions(resolution=16, crop=crop)
+  manifest = prepare.prepare(src, tmp_path / "out", options=options, progress=False)
+  (skipped,) = manifest["skipped"]
+  assert skipped["reason"] == "unreadable_video", skipped
+  assert re.search(r"decodes only \d+ of the 30 frames", skipped["message"]), skipped
+
+
+def _prepare_cli(tmp_path, src):
+  return ["prepare", "--input", str(src), "--output", str(tmp_path / "out"), "--resolution", "16", "--workers", "1",
+          "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "file"])
+def test_a_missing_or_empty_input_is_one_line_and_exit_2(tmp_path, capsys, kind):
+  src = tmp_path / "in"
+  if kind == "empty":
+    src.mkdir()
+  elif kind == "file":
+    src.write_text("not a folder")
+  assert cli.main(_prepare_cli(tmp_path, src)) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("mimajax prepare: error:") and str(src) in err and "expected <speaker>/<video>/<clip>" in err
+  assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_prepare_exits_1_naming_the_skips_when_every_video_is_skipped(tmp_path, capsys):
+  src = tmp_path / "in"
+  (src / "id1/unreadable").mkdir(parents=True)
+  (src / "id1/unreadable/00001.mp4").write_bytes(b"not a video at all" * 10)
+  np.save(src / "id1/unreadable/00001.npy", np.zeros((10, 257), np.float32))
+  write_video(src / "id2/nocoeff/00001.mp4", 10)
+  assert cli.main(_prepare_cli(tmp_path, src)) == 1
+  captured = capsys.readouterr()
+  assert captured.out.strip().splitlines()[-1].startswith("videos=0/2 ")
+  last = captured.err.strip().splitlines()[-1]
+  assert last.startswith("mimajax prepare: error: all 2 videos were skipped")
+  assert "unreadable_video: 1" in last and "missing_coefficients: 1" in last and "manifest.json" in last
