@@ -54,6 +54,20 @@ def video_fps(path: str | os.PathLike) -> float:
   return fps if np.isfinite(fps) and fps > 0 else DEFAULT_FPS
 
 
+def declared_frames(path: str | os.PathLike) -> int | None:
+  """The frames the container declares (its duration x frame rate, rounded); None where it declares no duration.
+  A video that decodes fewer is truncated or corrupt."""
+  import imageio.v3 as iio
+
+  try:
+    meta = iio.immeta(path)
+    duration, fps = float(meta.get("duration") or 0), float(meta.get("fps") or 0)
+  except Exception:  # noqa: BLE001  (no usable metadata: nothing declared)
+    return None
+  frames = round(duration * fps)
+  return frames if np.isfinite(duration * fps) and frames > 0 else None
+
+
 def iter_video(path: str | os.PathLike, max_frames: int | None = None) -> Iterator[np.ndarray]:
   """(H, W, 3) uint8 RGB frames, decoded one at a time; ValueError if the file cannot be read or has no frame."""
   import imageio.v3 as iio

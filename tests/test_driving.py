@@ -84,7 +84,8 @@ def test_max_frames_truncates(tmp_path):
   [
     (np.zeros((5, 100), np.float32), "expected (frames, 257)"),
     (np.zeros((2, 3, 257), np.float32), "expected (frames, 257)"),
-    (np.zeros((0, 257), np.float32), "expected (frames, 257)"),
+    (np.zeros((0, 257), np.float32), "d.npy: 0 rows (an empty array of shape (0, 257)); expected at least one frame"),
+    (np.zeros((0,), np.float32), "d.npy: 0 rows (an empty array of shape (0,)); expected at least one frame"),
     (np.full((4, 257), np.nan, np.float32), "non-finite values"),
   ],
 )
@@ -166,6 +167,35 @@ def test_video_motion_matches_the_data_pipelines_extraction(tmp_path):
   basis = np.asarray(face_model.expression_basis, np.float64)
   shift = (got[:, S["expression"]] - expected[:, S["expression"]]) @ basis.T
   assert np.abs(shift).max() < 1e-4  # decimetres: 10 micrometres
+
+
+def test_a_driving_video_that_decodes_only_partly_is_used_with_a_warning(tmp_path, capsys):
+  """A truncated download (its index first, as `-movflags +faststart` writes it): the container declares 30
+  frames, fewer decode; the driver is what decodes, and stderr says so."""
+  import imageio_ffmpeg
+
+  from data_pipeline import demo_data
+  from mimajax import video_io
+
+  _mediapipe_or_skip()
+  frames, fps = video_io.read_video(demo_data.carphone_clip(), max_frames=30)
+  path = tmp_path / "cut.mp4"
+  h, w = frames.shape[1:3]
+  writer = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, macro_block_size=1, ffmpeg_log_level="error",
+                                       output_params=["-movflags", "+faststart"])  # fmt: skip
+  writer.send(None)
+  for frame in frames:
+    writer.send(frame)
+  writer.close()
+  path.write_bytes(path.read_bytes()[: path.stat().st_size * 6 // 10])
+  drv = driving.read_driving(path)
+  assert 0 < len(drv) < 30
+  err = capsys.readouterr().err
+  assert f"the driving video {path} decoded only {len(drv)} of the 30 frames its container declares" in err, err
+  assert len(err.strip().splitlines()) == 1
+  capsys.readouterr()
+  assert len(driving.read_driving(path, max_frames=len(drv))) == len(drv)  # no more asked for: no warning
+  assert capsys.readouterr().err == ""
 
 
 def test_motion_from_images_needs_the_landmark_face_model():

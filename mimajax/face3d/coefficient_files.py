@@ -59,14 +59,18 @@ def _check(coeffs, what: str, width: int | None, driver: bool) -> np.ndarray:
     coeffs = np.asarray(coeffs, np.float32)
   except (TypeError, ValueError) as e:
     raise CoefficientError("unreadable", f"{what}: not an array of numbers ({e})") from None
+  widths = COEFFICIENT_WIDTHS if width is None else (width,)
+  if width is not None:
+    expected = _WIDTH_NAMES.get(width, f"(frames, {width})")
+  else:
+    expected = _DRIVER_WIDTHS if driver else _TRAINING_WIDTHS
+  if driver and coeffs.ndim in (1, 2) and len(coeffs) == 0:
+    raise CoefficientError(
+      "shape", f"{what}: 0 rows (an empty array of shape {coeffs.shape}); expected at least one frame, {expected}"
+    )
   if coeffs.ndim == 1 and driver:
     coeffs = coeffs[None]
-  widths = COEFFICIENT_WIDTHS if width is None else (width,)
-  if coeffs.ndim != 2 or coeffs.shape[1] not in widths or (driver and len(coeffs) == 0):
-    if width is not None:
-      expected = _WIDTH_NAMES.get(width, f"(frames, {width})")
-    else:
-      expected = _DRIVER_WIDTHS if driver else _TRAINING_WIDTHS
+  if coeffs.ndim != 2 or coeffs.shape[1] not in widths:
     raise CoefficientError("shape", f"{what}: coefficients of shape {coeffs.shape}; expected {expected}")
   if not np.isfinite(coeffs).all():
     rows = np.unique(np.nonzero(~np.isfinite(coeffs))[0])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -122,8 +123,24 @@ def read_video_driver(path, *, max_frames: int | None = None, previews: bool = F
       yield crop
 
   landmarks = crop_landmarks(crops(), box[2], f"the driving video {path}")
+  _warn_if_partly_decoded(path, len(landmarks), max_frames)
   return Driving(None, "video", landmarks=landmarks, previews=np.stack(kept) if previews else None,
                  fps=video_io.video_fps(path), source=str(path))  # fmt: skip
+
+
+def _warn_if_partly_decoded(path, decoded: int, max_frames: int | None) -> None:
+  """A warning on stderr when a driving video decodes fewer frames than its container declares (a truncated or
+  corrupt file): the animation is driven by the frames that decoded, and is that much shorter."""
+  declared = video_io.declared_frames(path)
+  if declared is None:
+    return
+  wanted = min(declared, max_frames) if max_frames else declared
+  if decoded < wanted - 1:  # the declared count is a rounded duration x fps: off by one is no loss
+    message = (
+      f"mimajax animate: warning: the driving video {path} decoded only {decoded} of the {declared} frames its "
+      f"container declares (truncated or corrupt?); driving with those {decoded}"
+    )
+    print(message, file=sys.stderr, flush=True)
 
 
 def read_driving(path: str | os.PathLike, *, max_frames: int | None = None, previews: bool = False) -> Driving:
