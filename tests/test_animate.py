@@ -498,6 +498,14 @@ def test_write_failure_exits_1_naming_it_and_keeps_the_previous_output(cli, tmp_
   assert out.read_bytes() == before and [p.name for p in out.parent.iterdir()] == ["result.mp4"]
 
 
+def test_debug_environment_variable_adds_the_traceback(cli, tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("MIMAJAX_DEBUG", "1")
+  assert cli(driving=_garbage(tmp_path / "drv.npy")) == 2
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err
+  assert err.strip().splitlines()[-1].startswith("mimajax animate: error:") and "not a readable .npy" in err
+
+
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])
 def test_missing_or_corrupt_checkpoint_exits_2(tmp_path, capsys, kind):
   """The real loader behind --checkpoint: no folder, or a workdir whose config is not JSON."""

@@ -346,3 +346,13 @@ def test_export_folders_honour_the_umask(video, tmp_path):
   modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in [folder, *folder.rglob("*")]}
   want = {k: oct(0o755) if (tmp_path / k).is_dir() else oct(0o644) for k in modes}
   assert modes == want
+
+
+def test_a_missing_checkpoint_is_one_line_on_stderr_exit_2(tmp_path, capsys):
+  from mimajax import cli
+
+  assert cli.main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "export")]) == 2
+  missing = tmp_path / "nope"
+  err = capsys.readouterr().err.strip()
+  assert err == f"mimajax export: error: cannot load --checkpoint {missing}: checkpoint {missing} does not exist"
+  assert not (tmp_path / "export").exists()

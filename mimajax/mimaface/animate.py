@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimajax import video_io
+from mimajax import cli_errors, video_io
 from mimajax.face3d.coefficient_files import check_coefficients, read_coefficients
 from mimajax.faces import detection
 from mimajax.mimaface import conditioning, driving, ica
@@ -37,8 +36,9 @@ from mimajax.mimaface.sampling import SCHEDULERS, ClipSampler, SamplerConfig
 IMAGE_BATCH = 8  # frames per batch for a stage-1 (image) model
 DEFAULT_EDIT_FRAMES = 50  # 2 s at 25 fps
 EXTRACTION_RESOLUTION = 256  # the smallest source crop FaceMesh sees (a small model's frames are too few pixels)
-EXIT_ERROR = 2  # bad input
-EXIT_FAILED = 1  # the output could not be written (nothing replaced the previous one)
+PROG = "mimajax animate"
+EXIT_ERROR = cli_errors.BAD_INPUT  # bad input
+EXIT_FAILED = cli_errors.FAILED  # the output could not be written (nothing replaced the previous one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,10 +395,8 @@ def run(args) -> int:
     write_outputs(args.out, inference, result, fps, side_by_side=args.side_by_side,
                   driver_previews=None if drv is None else drv.previews)  # fmt: skip
   except video_io.VideoWriteError as e:  # the inputs were fine; writing the result failed (e.g. a full disk)
-    print(f"mimajax animate: error: {e}", file=sys.stderr)
-    return EXIT_FAILED
+    return cli_errors.report(PROG, e, code=EXIT_FAILED)
   except (ValueError, OSError) as e:
-    print(f"mimajax animate: error: {e}", file=sys.stderr)
-    return EXIT_ERROR
+    return cli_errors.report(PROG, e, code=EXIT_ERROR)
   print(f"wrote {args.out}: {len(result.latents)} frames, {len(result.clip_starts)} clips")
   return 0

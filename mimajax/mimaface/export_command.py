@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from mimajax import cli_errors
 from mimajax.errors import CheckpointReadError
 from mimajax.mimaface import export, inference
+
+PROG = "mimajax export"
 
 
 def add_arguments(parser) -> None:
@@ -36,14 +38,12 @@ def run(args) -> int:
   try:  # before the (slow) load: an --out that would destroy the checkpoint or a non-export is refused at once
     export.check_out_dir(args.out, sources=sources(args), overwrite=args.overwrite)
   except (ValueError, FileExistsError) as e:
-    print(f"mimajax export: error: {e}", file=sys.stderr)
-    return 2
+    return cli_errors.report(PROG, e, code=cli_errors.BAD_INPUT)
   try:
     inf = inference.load_inference(args.checkpoint, use_ema=args.ema, vae_dir=args.vae,
                                        face_model_path=args.face_model)  # fmt: skip
   except (CheckpointReadError, FileNotFoundError) as e:
-    print(f"cannot load {args.checkpoint}: {e}", file=sys.stderr)
-    return 2
+    return cli_errors.report(PROG, e, code=cli_errors.BAD_INPUT, context=f"cannot load --checkpoint {args.checkpoint}")
   try:
     out = export.export_mimaface(
       inf.model,
@@ -59,7 +59,6 @@ def run(args) -> int:
       sources=sources(args),
     )
   except (FileExistsError, ValueError) as e:
-    print(f"mimajax export: error: {e}", file=sys.stderr)
-    return 2
+    return cli_errors.report(PROG, e, code=cli_errors.BAD_INPUT)
   print(f"exported {args.checkpoint} to {out}")
   return 0
