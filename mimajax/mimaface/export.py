@@ -87,13 +87,8 @@ def config_from_dict(raw: dict[str, Any]) -> MIMAFaceConfig:
 
 def _inference_defaults(model: MIMAFace, config, resolution, num_frames, ica_frames) -> dict[str, Any]:
   """Sampler settings and clip geometry for PyTorch users: explicit values, else the training config's."""
-  sample = config.get("sample", {}) if config is not None else {}
   data = config.get("data", {}) if config is not None else {}
-  sampler = SamplerConfig(
-    scheduler=sample.get("scheduler", "ddim"),
-    num_inference_steps=sample.get("num_inference_steps", 25),
-    guidance_scale=sample.get("guidance_scale", 3.5),
-  )
+  sampler = SamplerConfig.from_config(config.get("sample") if config is not None else None)
   frames = num_frames or (data.get("num_frames", 16) if model.config.video else 1)
   if ica_frames is None:
     ica_frames = ica.inference_overlap(frames) if model.config.video else 0

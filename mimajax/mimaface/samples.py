@@ -47,9 +47,7 @@ class SampleWriter:
     appearance = model.encode_appearance(batch["source"], batch["motion"], batch.get("face_features"))
     if self.sampler is None:
       schedule = schedulers.make_noise_schedule(**config.noise_schedule.to_dict())
-      self.sampler = ClipSampler(model, schedule, SamplerConfig(scheduler=config.sample.scheduler,
-                                 num_inference_steps=config.sample.num_inference_steps,
-                                 guidance_scale=config.sample.guidance_scale))  # fmt: skip
+      self.sampler = ClipSampler(model, schedule, SamplerConfig.from_config(config.sample))
     else:
       self.sampler.state = nnx.state(model)
     noise = jax.random.normal(jax.random.fold_in(jax.random.key(config.seed + 1), step), batch["latents"].shape)

@@ -57,6 +57,14 @@ class SamplerConfig:
   def guided(self) -> bool:
     return self.guidance_scale != 1.0
 
+  @classmethod
+  def from_config(cls, sample) -> "SamplerConfig":
+    """The sampler of a training config's `sample` section (or a saved export's "inference" entry): the fields
+    it names, the defaults for the rest. The one reader of sampler settings (training samples, inference
+    loading, export)."""
+    sample = sample or {}
+    return cls(**{f.name: sample[f.name] for f in dataclasses.fields(cls) if f.name in sample})
+
 
 class ClipSampler:
   """Denoises one clip; the jitted loop is compiled once per input shapes and reused for every clip."""
