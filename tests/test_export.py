@@ -250,7 +250,10 @@ def command(video, tmp_path, monkeypatch):
 @pytest.mark.parametrize("overwrite", [True, False])
 def test_export_refuses_an_out_that_would_destroy_the_checkpoint(command, tmp_path, capsys, checkpoint, out, how,
                                                                   named, overwrite):  # fmt: skip
+  from mimajax import atomic
+
   (tmp_path / "link").symlink_to(command.wd)
+  (command.wd / f".export.{atomic.host_tag()}.{_dead_pid()}.0123abcd.tmp").mkdir()  # stale, but in the checkpoint
   before = _listing(command.wd)
   argv = ["--checkpoint", tmp_path / checkpoint, "--out", tmp_path / out] + (["--overwrite"] if overwrite else [])
   assert command(*argv) == 2

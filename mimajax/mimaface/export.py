@@ -212,17 +212,8 @@ def is_export(folder: str | os.PathLike) -> bool:
   return (Path(folder) / CONFIG_FILE).is_file()
 
 
-def check_out_dir(out_dir: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (),
-                  overwrite: bool = False) -> Path:  # fmt: skip
-  """`out_dir` if an export may be written there; else ValueError (FileExistsError when it exists and `overwrite`
-  is off) saying why.
-
-  sources: what the export is read from (checkpoint workdir, step folder, export or release folder, VAE folder,
-  face model); `out_dir` may not be one of them, contain one or lie inside one (symbolic links followed), since
-  writing or replacing it would destroy them. An existing `out_dir` is replaced (with `overwrite`) only when it is
-  an export folder or empty.
-  """
-  out = Path(out_dir)
+def _check_clear_of(out: Path, sources: Iterable[str | os.PathLike]) -> None:
+  """ValueError if `out` is, contains or lies inside one of `sources` (symbolic links followed)."""
   target = out.resolve()
   for source in sources:
     src = Path(source).resolve()
@@ -238,6 +229,20 @@ def check_out_dir(out_dir: str | os.PathLike, *, sources: Iterable[str | os.Path
       f"export folder {out} {where}, which the export is made from; expected a folder outside the checkpoint (its "
       "workdir, step, export or release folder)"
     )
+
+
+def check_out_dir(out_dir: str | os.PathLike, *, sources: Iterable[str | os.PathLike] = (),
+                  overwrite: bool = False) -> Path:  # fmt: skip
+  """`out_dir` if an export may be written there; else ValueError (FileExistsError when it exists and `overwrite`
+  is off) saying why.
+
+  sources: what the export is read from (checkpoint workdir, step folder, export or release folder, VAE folder,
+  face model); `out_dir` may not be one of them, contain one or lie inside one (symbolic links followed), since
+  writing or replacing it would destroy them. An existing `out_dir` is replaced (with `overwrite`) only when it is
+  an export folder or empty.
+  """
+  out = Path(out_dir)
+  _check_clear_of(out, sources)
   if out.is_symlink() or out.exists():
     if not out.is_dir() or out.is_symlink():
       raise ValueError(
@@ -295,6 +300,7 @@ def export_mimaface(
   started = time.time()
   sources = list(sources)
   out = Path(out_dir)
+  _check_clear_of(out, sources)  # first: nothing in or beside a source is touched
   if out.parent.is_dir():
     remove_leftovers(out, started=started)  # may put back an export a killed overwrite had moved aside
   check_out_dir(out, sources=sources, overwrite=overwrite)
