@@ -11,3 +11,8 @@ class CheckpointKeyError(ValueError):
 
 class CheckpointReadError(ValueError):
   """A checkpoint file or folder is missing, unreadable or not in the expected format."""
+
+
+class CheckpointDamagedError(CheckpointReadError):
+  """A saved checkpoint step cannot be read back as it was written: an unreadable or truncated array file, or
+  arrays that differ from the checksums recorded when it was saved. Readers fall back to an older intact step."""

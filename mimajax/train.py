@@ -98,12 +98,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tupl
                                     prepare=task.prepare, update_extra=task.update_extra)  # fmt: skip
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)  # fmt: skip
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state, data_state = ckpt.restore(state, state_sh, latest)
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state, state_sh)  # the newest intact step (damaged newer ones reported)
     if data_state is not None:
       task.iterator.set_state(data_state)
-    log.info("resumed from %s at step %d", ckpt.directory, latest)
+    log.info("resumed from %s at step %d", ckpt.directory, ckpt.restored_step)
   elif task.init_params is not None:
     state = dataclasses.replace(state, params=task.init_params(state.params))
     state = jax.device_put(state, state_sh)
@@ -177,6 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
   run, ckpt = setup(config, workdir)
   checkpointing.write_config(workdir, config)  # after the setup's checks and restore: a failed start changes nothing
   state = run.state
+  ckpt.precompile(state)  # the checksum program of the saves, compiled while the step compiles
   start = int(jax.device_get(state.step))
   total = config.total_steps
   task = run.task

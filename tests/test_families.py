@@ -3,7 +3,9 @@ groups with their own optimizers, BatchNorm statistics in the state, extra state
 own code path: exact resume after SIGKILL / SIGTERM, 8 simulated devices equal to 1, refusals."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +107,31 @@ def test_gan_on_8_simulated_devices_equals_one_device(uninterrupted, tmp_path):
   num = np.sqrt(sum(float(np.sum((eight[k] - one[k]) ** 2)) for k in one))
   den = np.sqrt(sum(float(np.sum(one[k] ** 2)) for k in one))
   assert num / den < 1e-5, num / den
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_intact_one_bitwise(uninterrupted, tmp_path, caplog, damage):
+  """Step 8's largest array file cut in half, or one bit of it flipped (same size): the rerun names both steps,
+  sets 8 aside, resumes from 6 and ends bitwise equal to the uninterrupted run."""
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted, workdir)
+  files = [
+    f for f in (workdir / "checkpoints" / str(STEPS) / "state").rglob("*") if f.is_file() and f.parent.name == "d"
+  ]
+  biggest = max(files, key=lambda f: f.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  if damage == "truncated":
+    data = data[: len(data) // 2]
+  else:
+    data[len(data) // 2] ^= 0x04
+  biggest.write_bytes(bytes(data))
+  with caplog.at_level(logging.WARNING, logger="mimajax"):
+    assert train.main(["--config", CONFIG, "--workdir", str(workdir)]) == 0
+  said = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("mimajax"))
+  assert f"checkpoints/{STEPS} is damaged" in said and "resuming from the newest intact one, step 6" in said
+  assert (workdir / "checkpoints.damaged" / str(STEPS)).is_dir()
+  a, b = _leaves(_state(uninterrupted)), _leaves(_state(workdir))
+  assert a.keys() == b.keys() and [k for k in a if not np.array_equal(a[k], b[k])] == []
 
 
 def test_a_workdir_of_another_family_is_refused_untouched(uninterrupted, capsys):

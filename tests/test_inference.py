@@ -2,6 +2,8 @@
 written before parameter groups existed both load, strictly; a workdir of another family is refused."""
 
 import json
+import logging
+import shutil
 
 import jax
 import numpy as np
@@ -74,3 +76,43 @@ def test_reading_a_state_needs_no_matching_mesh(tmp_path):
   state = checkpointing.read_state(tmp_path / "run" / "checkpoints" / "3" / "state")
   leaf = jax.tree.leaves(state["params"])[0]
   assert leaf.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _two_step_workdir(path):
+  """Steps 3 and 4 of a stage-1 run, saved by the loop's Checkpointer (with checksums). In step 4 the U-Net's
+  conv_in kernel holds random bits (incompressible, so stored raw: a test can find it on disk and damage it)."""
+  model = _workdir(path, legacy=False, stage=1)
+  shutil.rmtree(path / "checkpoints")
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  kernel = params["unet"]["conv_in"]["kernel"]
+  bits = np.random.default_rng(0).integers(0, 2**32, kernel.shape, dtype=np.uint32)
+  bits[(bits & 0x7F800000) == 0x7F800000] ^= 0x40000000  # finite floats with random bits
+  newer = jax.tree.map(lambda x: x + 1.0, params)
+  newer["unet"]["conv_in"]["kernel"] = bits.view(np.float32)
+  ckpt = checkpointing.Checkpointer(path, every_steps=1, keep=5)
+  for step, p in ((3, params), (4, newer)):
+    opt = {GROUP: {"mu": jax.tree.map(np.zeros_like, p)}}
+    ckpt.save(step, {"step": np.int32(step), "params": {GROUP: p}, "opt_state": opt, "rng": np.zeros(2, np.uint32)},
+              force=True)  # fmt: skip
+  ckpt.close()
+  return model, newer["unet"]["conv_in"]["kernel"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit_flip"])
+def test_a_damaged_newest_step_loads_the_intact_older_one_with_a_warning(tmp_path, caplog, damage):
+  model, kernel = _two_step_workdir(tmp_path / "run")
+  raw = kernel.tobytes()
+  stored = [(f, f.read_bytes().find(raw)) for f in (tmp_path / "run/checkpoints/4/state").rglob("*") if f.is_file()]
+  f, at = next((f, at) for f, at in stored if at >= 0)
+  data = bytearray(f.read_bytes())
+  if damage == "truncated":
+    data = data[:at]
+  else:
+    data[at + len(raw) // 2] ^= 0x01  # one low mantissa bit: the same size, a finite value, silently different
+  f.write_bytes(bytes(data))
+  with caplog.at_level(logging.WARNING, logger="mimajax"):
+    inf = load_inference(tmp_path / "run")
+  want, got = _params(model), _params(inf.model)  # step 3's parameters, every one
+  assert all(np.array_equal(want[k], got[k]) for k in want)
+  said = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("mimajax"))
+  assert "checkpoints/4" in said and "using the newest intact one" in said and "checkpoints/3" in said

@@ -64,12 +64,13 @@ def load_inference(path: str | os.PathLike, *, use_ema: bool = True, vae_dir: st
     return _load_release(path, vae_dir, face_model_path)
   if (path / export.CONFIG_FILE).is_file():
     return _load_export(path, face_model_path, dtype=dtype, attention_impl=attention_impl)
-  step_dir = checkpointing.step_folder(path)
-  workdir = step_dir.parent.parent
+  workdir = checkpointing.step_folder(path).parent.parent
   config = checkpointing.read_config(workdir)
   abstract = nnx.eval_shape(lambda: mimaface_factory.build_mimaface(config.model, stage=config.stage, rngs=nnx.Rngs(0),
                                                                    **config.model.objective.to_dict()))  # fmt: skip
-  model = merge_params(abstract, checkpointing.checkpoint_params(step_dir, GROUP, ema=use_ema), where=f"{step_dir}")
+  # a workdir: its newest step whose parameters are intact (a damaged newer one is named in a warning)
+  step_dir, params = checkpointing.intact_params(path, GROUP, ema=use_ema)
+  model = merge_params(abstract, params, where=f"{step_dir}")
   vae = _load_vae(vae_dir or (workdir / VAE_DIR if (workdir / VAE_DIR).is_dir() else None), config)
   fm_path = Path(face_model_path) if face_model_path else workdir / FACE_MODEL_FILE
   face_model = load_face_model(fm_path) if fm_path.exists() else synthetic_model()
