@@ -90,6 +90,9 @@ class Family:
   build_task: Callable[[Any, Path], Task]  # (config, workdir) -> Task
   check_config: Callable[[Any], None] = lambda config: None  # raises ValueError naming the field
   commands: Mapping[str, Command] = dataclasses.field(default_factory=dict)
+  # (the workdir's recorded config, this run's config): raises ValueError naming a field that may not change
+  # when a run continues in its workdir (see `compare_fields`); called before anything in the workdir is touched
+  check_resume: Callable[[Any, Any], None] | None = None
 
 
 _REGISTERED: dict[str, Family] = {}
@@ -112,6 +115,48 @@ def get(name: str) -> Family:
       raise ValueError(f"model family {name!r} is not available in this installation ({e})") from e
     register(module.FAMILY)
   return _REGISTERED[name]
+
+
+def _lookup(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "get") or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+_MISSING = object()
+
+
+def _plain(x):
+  """ConfigDicts, dicts, lists and tuples as plain dicts and tuples (config.json reads lists back as tuples)."""
+  if hasattr(x, "to_dict"):
+    x = x.to_dict()
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return tuple(_plain(v) for v in x)
+  return x
+
+
+def _differences(prefix: str, a, b) -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b)) for d in _differences(f"{prefix}.{k}", a.get(k), b.get(k))]
+  return [] if a == b else [f"config.{prefix}: {a!r} in the workdir's run, {b!r} in this one"]
+
+
+def compare_fields(saved, config, fields: Sequence[str]) -> None:
+  """Raises ValueError naming every one of `fields` (dotted paths; whole sub-configs allowed) that differs
+  between a workdir's recorded config and this run's. Fields the recorded config lacks (older runs) pass."""
+  found = []
+  for field in fields:
+    old, new = _lookup(saved, field), _lookup(config, field)
+    if old is _MISSING or new is _MISSING:
+      continue
+    found += _differences(field, _plain(old), _plain(new))
+  if found:
+    raise ValueError("; ".join(found[:4]) + (f"; and {len(found) - 4} more" if len(found) > 4 else ""))
 
 
 def name_of(config) -> str:

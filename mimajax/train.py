@@ -62,20 +62,40 @@ def _host_batch(batch: dict, keys) -> dict:
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """A workdir belongs to one family: refuse another's before anything in it is touched."""
+  """A workdir holds one run: refuse a config of another family, or one the family says does not continue
+  that run (`Family.check_resume`: MIMAFace's stage, model sizes, ...), before anything in it is touched."""
   recorded = checkpointing.recorded_family(workdir)
   wanted = families.name_of(config)
-  if recorded is not None and recorded != wanted:
+  if recorded is None:
+    return
+  if recorded != wanted:
     raise ValueError(f"{workdir} holds a {recorded!r} run; this config trains {wanted!r} (config.model.family)")
+  family = families.get(wanted)
+  if family.check_resume is None:
+    return
+  try:
+    family.check_resume(checkpointing.read_config(workdir), config)
+  except ValueError as e:
+    raise ValueError(
+      f"{workdir} holds a run this config does not continue: {e}. Nothing was changed. To continue that run, "
+      f"rerun it with the config it was started with (its config.json); to start a new run from it, use a new "
+      f"--workdir with --config.train.init_from={workdir}"
+    ) from e
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> families.Family:
+  """Every check that needs nothing built and writes nothing: the loop's fields, the family's, the workdir's."""
+  check_config(config)
+  family = families.get(families.name_of(config))
+  family.check_config(config)
+  check_workdir(config, Path(workdir))
+  return family
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tuple[Run, checkpointing.Checkpointer]:
   """Mesh, the family's task, sharded state (restored from the workdir when it has a checkpoint), the step."""
-  check_config(config)
-  family = families.get(families.name_of(config))
-  family.check_config(config)
+  family = preflight(config, workdir)
   workdir = Path(workdir)
-  check_workdir(config, workdir)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   if config.data.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
     raise ValueError(

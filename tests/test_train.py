@@ -5,7 +5,9 @@ with the "xla" attention (the smallest program to compile); the runs share a per
 cache, so only the first compiles.
 """
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mimajax import train
+from mimajax import checkpointing, train
 
 # One worker runs this whole file, so the demo data and the uninterrupted run are built once.
 pytestmark = pytest.mark.xdist_group("train")
@@ -183,3 +185,78 @@ def test_debug_prints_the_traceback_of_a_refused_config(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "Traceback (most recent call last)" in err
   assert err.strip().splitlines()[-1].startswith("mimajax train: error: config.stage must be 1")
+
+
+def _stage2_workdir(path, data):
+  """A stage-2 MIMAFace workdir as a run leaves it (config.json, vae/, face model and its record, a checkpoint
+  with checksums), written directly: the refusals below come before anything is built."""
+  from flax import nnx
+
+  from configs import tiny
+  from mimajax.convert import diffusers_format
+  from mimajax.mimaface import factory as mimaface_factory
+  from mimajax.mimaface import pretrained
+  from mimajax.models import factory
+
+  config = tiny.get_config("2")
+  config.data.path = str(data)
+  model = mimaface_factory.build_mimaface(config.model, stage=2, rngs=nnx.Rngs(3), **config.model.objective.to_dict())
+  path.mkdir(parents=True)
+  checkpointing.write_config(path, config)
+  diffusers_format.save_vae(factory.build_vae(config.model, rngs=nnx.Rngs(1)), path / "vae")
+  face = pretrained.face_model(config, path)
+  ckpt = checkpointing.Checkpointer(path, every_steps=1)
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  ckpt.save(2, {"step": np.int32(2), "params": {"model": params}, "rng": np.zeros(2, np.uint32)}, force=True)
+  ckpt.close()
+  return model, face
+
+
+def _files(root):
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_a_wrong_config_rerun_is_refused_and_leaves_the_workdir_loadable(demo_data, tmp_path, capsys):
+  from flax import nnx
+
+  from mimajax.mimaface.inference import load_inference
+
+  workdir = tmp_path / "stage2"
+  model, _ = _stage2_workdir(workdir, demo_data)
+  before = _files(workdir)
+  # the stage-1 config (":2" forgotten): refused naming the field and how to start a new run from this one
+  assert train.main(_args(demo_data, workdir, 4)) == 2
+  out = capsys.readouterr().err
+  assert "config.stage: 2 in the workdir's run, 1 in this one" in out and "Nothing was changed" in out
+  assert f"--config.train.init_from={workdir}" in out
+  # a typo in the data path: refused before anything is built or written
+  args = _args(str(demo_data) + "_typo", workdir, 4)
+  args[1] = "configs/tiny.py:2"
+  assert train.main(args) == 2
+  out = capsys.readouterr().err
+  assert f"config.data.path={demo_data}_typo does not exist" in out and len(out.splitlines()) == 1
+  assert _files(workdir) == before
+  inf = load_inference(workdir)
+  want = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  got = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(inf.model, nnx.Param))}
+  assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def test_a_missing_data_path_writes_nothing_and_the_face_model_source_is_kept(demo_data, uninterrupted, tmp_path,
+                                                                              capsys):  # fmt: skip
+  fresh = tmp_path / "fresh"
+  assert train.main(_args(tmp_path / "no_such_data", fresh, 2)) == 2
+  assert "config.data.path=" in capsys.readouterr().err and not fresh.exists()  # no synthetic fallback persisted
+  # the run recorded the data's face model; a rerun on data without one (which would render with the synthetic
+  # model) is refused before anything is built
+  record = json.loads((uninterrupted / "face_model.json").read_text())
+  assert record["source"] == str((demo_data / "face_model.npz").absolute())
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted, workdir)
+  other = tmp_path / "data_without_face_model"
+  shutil.copytree(demo_data, other, ignore=shutil.ignore_patterns("face_model.npz"))
+  before = _files(workdir)
+  assert train.main(_args(other, workdir, 7)) == 2
+  out = capsys.readouterr().err
+  assert "was trained with the morphable model" in out and "'synthetic'" in out and "Nothing was changed" in out
+  assert _files(workdir) == before

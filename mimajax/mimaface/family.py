@@ -37,6 +37,35 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"stage 2 trains on clips: config.data.num_frames must be >= 2, got {config.data.num_frames}")
   if config.data.resolution % 8:
     raise ValueError(f"config.data.resolution={config.data.resolution} must be a multiple of 8 (VAE latents)")
+  # Before anything is built or written: a run on a missing dataset would otherwise fall back to the synthetic
+  # morphable model and fail only when the loader opens the shards.
+  path = str(config.data.path)
+  if "://" not in path and not Path(path).exists():
+    raise ValueError(f"config.data.path={path} does not exist (a `mimajax prepare` output folder or a shard file)")
+  if config.data.face_model and not Path(config.data.face_model).exists():
+    raise ValueError(f"config.data.face_model={config.data.face_model} does not exist")
+
+
+# What may not change when a run continues in its workdir: the stage (its model and trainable set), every part's
+# sizes (the parameters' shapes), MIA's coefficient width, the trainable patterns (the optimizer state's
+# structure) and the memory bank's size (the extra state). Learning rate, steps, batch size, the data path,
+# logging, checkpoint and sampling settings may change; the face model is checked by `pretrained.face_model`.
+RESUME_FIELDS = (
+  "stage",
+  "model.unet",
+  "model.vae",
+  "model.clip",
+  "model.mia",
+  "model.motion",
+  "data.coefficient_dim",
+  "train.trainable",
+  "train.memory_bank_size",
+)
+
+
+def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the RESUME_FIELDS in which `config` differs from the workdir's recorded config."""
+  families.compare_fields(saved, config, RESUME_FIELDS)
 
 
 def data_iterator(config: ml_collections.ConfigDict):
@@ -117,6 +146,7 @@ FAMILY = families.Family(
   name="mimaface",
   build_task=build_task,
   check_config=check_config,
+  check_resume=check_resume,
   commands={
     "animate": families.Command(
       animate.add_arguments,

@@ -8,6 +8,9 @@ Stage 2 starts from a stage-1 run (`config.train.init_from`) and AnimateDiff mot
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -131,20 +134,75 @@ def init_params_from(source: str | os.PathLike, params: nnx.State, group: str) -
 def face_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> MorphableModel:
   """The morphable model renders are drawn with: config.data.face_model, the dataset's face_model.npz, or synthetic.
 
-  The chosen one is copied into the workdir so inference renders driving coefficients the same way.
+  A file's model is copied into the workdir so inference renders driving coefficients the same way; the
+  synthetic fallback is not (inference falls back to the same synthetic model). workdir/face_model.json
+  records where the model came from and a digest of its arrays. Once the workdir has checkpoints, a rerun
+  whose model differs (another file, or a dataset that has a face model where the run rendered with the
+  synthetic one) is refused: its renders would not be the ones the run trained on. Before the first
+  checkpoint nothing was trained with it, so the record is simply replaced.
   """
-
-  path = config.data.face_model or str(Path(config.data.path) / FACE_MODEL_FILE)
-  in_workdir = Path(workdir) / FACE_MODEL_FILE
-  if in_workdir.exists():
-    return load_face_model(in_workdir)
-  if Path(path).exists():
-    model = load_face_model(path)
+  source = config.data.face_model or str(Path(config.data.path) / FACE_MODEL_FILE)
+  if Path(source).exists():
+    model, origin = load_face_model(source), str(Path(source).absolute())
   elif config.data.face_model:
     raise ValueError(f"config.data.face_model={config.data.face_model} does not exist")
   else:
     log.warning("no face_model.npz in %s: rendering with the synthetic morphable model", config.data.path)
-    model = synthetic_model()
+    model, origin = synthetic_model(), SYNTHETIC
+  wanted = {"source": origin, "digest": face_model_digest(model)}
+  workdir = Path(workdir)
+  in_workdir, record_path = workdir / FACE_MODEL_FILE, workdir / FACE_MODEL_RECORD
+  if checkpointing.saved_steps(workdir):
+    recorded = _recorded_face_model(record_path, in_workdir)
+    if recorded["digest"] != wanted["digest"]:
+      keep = (f"; to continue it as it was, pass --config.data.face_model={in_workdir}"
+              if recorded["source"] != SYNTHETIC and in_workdir.exists() else "")  # fmt: skip
+      raise ValueError(
+        f"{workdir} was trained with the morphable model {_describe(recorded)}, but this config renders with "
+        f"{_describe(wanted)} (config.data.path / config.data.face_model): continuing would change the renders "
+        f"the model is conditioned on. Nothing was changed{keep}; to start a new run from it, use a new "
+        f"--workdir with --config.train.init_from={workdir}"
+      )
   if jax.process_index() == 0:
-    save_face_model(model, in_workdir)
+    if origin == SYNTHETIC:
+      in_workdir.unlink(missing_ok=True)  # a fallback is never kept as if it were the data's
+    else:
+      save_face_model(model, in_workdir)
+    tmp = record_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(wanted, indent=1))
+    os.replace(tmp, record_path)
   return model
+
+
+SYNTHETIC = "synthetic"
+FACE_MODEL_RECORD = "face_model.json"  # where the workdir's face model came from, and its digest
+
+
+def face_model_digest(model: MorphableModel) -> str:
+  """SHA-256 over a MorphableModel's arrays (name, dtype, shape, bytes): equal for a file and its workdir copy."""
+  digest = hashlib.sha256()
+  for field in dataclasses.fields(model):
+    value = getattr(model, field.name)
+    if value is None:
+      continue
+    x = np.ascontiguousarray(np.asarray(value))
+    digest.update(f"{field.name}:{x.dtype.str}:{x.shape};".encode())
+    digest.update(x.tobytes())
+  return digest.hexdigest()
+
+
+def _recorded_face_model(record_path: Path, in_workdir: Path) -> dict:
+  """The workdir's record; for a workdir from before records, its face_model.npz (what an older run rendered
+  with, whether copied from the data or its synthetic fallback), else the synthetic model."""
+  if record_path.exists():
+    return json.loads(record_path.read_text())
+  if in_workdir.exists():
+    return {"source": f"{in_workdir} (an earlier run's copy, source not recorded)",
+            "digest": face_model_digest(load_face_model(in_workdir))}  # fmt: skip
+  return {"source": SYNTHETIC, "digest": face_model_digest(synthetic_model())}
+
+
+def _describe(record: dict) -> str:
+  if record["source"] == SYNTHETIC:
+    return "'synthetic' (there was no face_model.npz in the data)"
+  return f"{record['source']} (digest {record['digest'][:12]})"
