@@ -123,19 +123,25 @@ def test_killed_run_resumes_to_the_same_parameters(demo_data, uninterrupted, cac
   _assert_same(_state(uninterrupted, 6), _state(tmp_path, 6))
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(demo_data, cache_dir, tmp_path,
-                                                                                   capsys):  # fmt: skip
-  # A learning rate of 1e30 makes the first update finite but enormous; the next loss overflows.
-  code = train.main(
-    _args(demo_data, tmp_path, 6, "--config.train.learning_rate=1e30", "--config.train.max_grad_norm=0")
-  )
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(demo_data, uninterrupted, cache_dir,
+                                                                                   tmp_path, capsys):  # fmt: skip
+  # Resumed from step 6 with a learning rate of 1e30: step 7's loss and gradients are finite, but its update throws
+  # the weights to ~1e30 (finite; their squares overflow) and the next loss would be inf. Step 7 is refused, so
+  # every checkpoint holds usable parameters and optimizer state.
+  shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+  code = train.main(_args(demo_data, tmp_path, 9, "--config.train.learning_rate=1e30"))
   out = capsys.readouterr().err  # errors go to stderr
   assert code == 1
   assert "FloatingPointError: non-finite values at step" in out
   bad_step = int(out.split("non-finite values at step")[1].split()[0])
-  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-  assert steps[-1] == bad_step - 1
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_state(tmp_path, steps[-1])["params"]))
+  steps = checkpointing.saved_steps(tmp_path)
+  assert bad_step == 7 and steps[-1] == bad_step - 1 and f"left at step {bad_step - 1}" in out
+  for step in steps:
+    state = _state(tmp_path, step)
+    leaves = [np.asarray(x) for x in jax.tree.leaves((state["params"], state["opt_state"]))]
+    floats = [x for x in leaves if x.dtype.kind == "f"]
+    assert all(np.isfinite(x).all() for x in floats), step
+    assert max(np.abs(x).max() for x in jax.tree.leaves(state["params"])) < 2.0**64, step
 
 
 @pytest.mark.parametrize(
