@@ -27,6 +27,7 @@ import numpy as np
 
 from mimajax import checkpointing, families, sharding, train_step
 from mimajax.training import reporting as train_metrics
+from mimajax.training import workdir_lock
 
 log = logging.getLogger("mimajax.train")
 
@@ -193,6 +194,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
   workdir = Path(workdir)
   if config.distributed:
     jax.distributed.initialize()
+  preflight(config, workdir)  # a refused config never creates or locks the workdir
+  lock = workdir_lock.hold(workdir)  # one run per workdir, taken before anything is written
+  try:
+    return _train(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.TrainState:
   run, ckpt = setup(config, workdir)
   checkpointing.write_config(workdir, config)  # after the setup's checks and restore: a failed start changes nothing
   state = run.state

@@ -134,6 +134,26 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_intact_one_bitwise(uninter
   assert a.keys() == b.keys() and [k for k in a if not np.array_equal(a[k], b[k])] == []
 
 
+def test_a_second_run_on_a_busy_workdir_is_refused_at_once_and_the_first_finishes(tmp_path, capsys):
+  proc = _spawn(tmp_path, "--config.data.delay_s=0.5")
+  deadline = time.time() + 300
+  while not (tmp_path / "checkpoints" / "1").is_dir():  # the first run is training (and holds the lock)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    assert time.time() < deadline, "no checkpoint 1"
+    time.sleep(0.1)
+  start = time.time()
+  code = train.main(["--config", CONFIG, "--workdir", str(tmp_path)])
+  took = time.time() - start
+  out = capsys.readouterr().err
+  assert code == 2 and "is in use by another `mimajax train`" in out and f"pid {proc.pid} on host" in out, out
+  assert took < 10, took
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert checkpointing.saved_steps(tmp_path)[-1] == STEPS
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.isdigit()] == []  # no temporary folder
+  assert (tmp_path / ".lock").read_text() == ""  # released
+
+
 def test_a_workdir_of_another_family_is_refused_untouched(uninterrupted, capsys):
   before = (uninterrupted / "config.json").read_text()
   code = train.main(["--config", "configs/tiny.py", "--workdir", str(uninterrupted)])
