@@ -53,7 +53,9 @@ class Task:
 
   Groups are updated from the same parameters in one step (a GAN's generator and discriminator see
   each other's pre-step weights, as face-vid2vid's alternating PyTorch loop does): group g's gradient
-  is that of `losses[g]` with respect to group g only.
+  is that of `losses[g]` with respect to group g only. Every loss gets the same step key, so a
+  discriminator's loss judges the very fakes the generator's loss drew. Only process 0 writes
+  samples, from parameters gathered to it (every process takes part in the gather).
   """
 
   modules: Mapping[str, nnx.Module]  # parameter groups by name: {"model": MIMAFace} or {"generator", ...}
@@ -63,7 +65,7 @@ class Task:
   iterator: Any  # host batches (dicts of numpy arrays, this host's rows) with get_state() / set_state()
   images_per_step: int  # for images/s in the metrics
   batch_keys: Sequence[str] | None = None  # what of a host batch goes to the device (None: everything)
-  frozen: Any = None  # arrays the step reads but never trains (e.g. a VAE's weights), passed as arguments
+  frozen: Mapping[str, Any] | None = None  # named parts the step reads but never trains (a VAE's weights), as arguments
   frozen_rules: Mapping[str, Rules | Mapping[str, Rules] | None] | None = None  # per top-level key; None: replicated
   prepare: Callable[[Any, Mapping[str, jax.Array]], Mapping[str, jax.Array]] | None = None  # (frozen, batch) on device
   extra: Any = None  # family state carried in the TrainState (replicated), e.g. the identity memory bank

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mimajax import checkpointing, families, sharding, train_step
 from mimajax.training import reporting as train_metrics
@@ -114,7 +115,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tupl
     frozen_sh = frozen_shardings(task.frozen, task.frozen_rules or {}, mesh)
     frozen = jax.device_put(task.frozen, frozen_sh)
   t = config.train
-  step = train_step.make_train_step(graphdefs, task.losses, optimizers, rests=rests,
+  untrained = {g: train_step.untrained_paths(params[g], task.optimizers[g]) for g in params}
+  step = train_step.make_train_step(graphdefs, task.losses, optimizers, rests=rests, untrained=untrained,
                                     accumulation_steps=t.accumulation_steps, ema_decay=t.ema_decay or None,
                                     prepare=task.prepare, update_extra=task.update_extra)  # fmt: skip
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
@@ -125,8 +127,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tupl
       task.iterator.set_state(data_state)
     log.info("resumed from %s at step %d", ckpt.directory, ckpt.restored_step)
   elif task.init_params is not None:
-    state = dataclasses.replace(state, params=task.init_params(state.params))
-    state = jax.device_put(state, state_sh)
+    params = task.init_params(state.params)
+    # The EMA starts from where the run starts (pretrained weights, an earlier stage), not from the random init.
+    ema = jax.tree.map(jnp.copy, params) if state.ema_params is not None else None
+    state = jax.device_put(dataclasses.replace(state, params=params, ema_params=ema), state_sh)
   run = Run(config, mesh, task, state, state_sh, frozen, frozen_sh, step, sharding.replicated(mesh), task.iterator)
   return run, ckpt
 
@@ -205,6 +209,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> trai
 
 def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.TrainState:
   run, ckpt = setup(config, workdir)
+  if not config.model.get("family"):  # record the family the run resolved, so the workdir names it
+    with config.unlocked():
+      config.model.family = families.name_of(config)
   checkpointing.write_config(workdir, config)  # after the setup's checks and restore: a failed start changes nothing
   state = run.state
   ckpt.precompile(state)  # the checksum program of the saves, compiled while the step compiles
@@ -240,8 +247,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
         break
       every = config.sample.every_steps if "sample" in config else 0
       if task.write_samples is not None and every and (step % every == 0 or step == total):
+        params, frozen = state.ema_params or state.params, run.frozen
+        if jax.process_count() > 1:  # parameters sharded across hosts: every host joins the gather
+          params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
         if jax.process_index() == 0:
-          task.write_samples(workdir, step, state.ema_params or state.params, run.frozen, host)
+          task.write_samples(workdir, step, params, frozen, host)
   finally:
     preempt.uninstall()
     ckpt.close()

@@ -157,7 +157,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_at_once_and_the_first_finishe
 def test_a_workdir_of_another_family_is_refused_untouched(uninterrupted, capsys):
   before = (uninterrupted / "config.json").read_text()
   code = train.main(["--config", "configs/tiny.py", "--workdir", str(uninterrupted)])
-  assert code == 1 and "holds a 'toy_gan' run" in capsys.readouterr().out
+  assert code == 2 and "holds a 'toy_gan' run" in capsys.readouterr().err  # bad input: exit 2, on stderr
   assert (uninterrupted / "config.json").read_text() == before
 
 
