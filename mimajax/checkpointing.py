@@ -242,8 +242,14 @@ def verify(step_dir: str | os.PathLike, tree) -> bool:
 
 
 def _brief(e: BaseException) -> str:
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+  """One line for a read error: the innermost cause (TensorStore's names the array and the byte range)."""
+  chain, seen = [e], {id(e)}
+  while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
+    chain.append(nxt)
+    seen.add(id(nxt))
+  inner = chain[-1]
+  text = (str(inner).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+  return f"{type(inner).__name__}: {text[:300]}"
 
 
 class PreemptionFlag:
