@@ -7,8 +7,9 @@ import torch
 from flax import nnx
 
 from conftest import TINY_UNET, perturb_
-from mimajax.convert import animatediff_format, release_format
+from mimajax.convert import animatediff_format
 from mimajax.errors import CheckpointKeyError, CheckpointReadError
+from mimajax.mimaface import release_format
 from mimajax.mimaface.mia import MIAConfig, ReleaseMIA
 
 MIA = MIAConfig(
