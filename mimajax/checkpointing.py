@@ -560,10 +560,18 @@ def recorded_family(path: str | os.PathLike) -> str | None:
   path holds no training config. Workdirs from before families were recorded answer `LEGACY_FAMILY`."""
   path = Path(path)
   for workdir in (path, path.parent.parent):
-    if (workdir / CONFIG_FILE).is_file():
-      model = read_config(workdir).get("model")
-      return str((model.get("family") if model is not None else None) or LEGACY_FAMILY)
+    family = _written_family(workdir)
+    if family is not None:
+      return family or LEGACY_FAMILY
   return None
+
+
+def _written_family(workdir: Path) -> str | None:
+  """config.json's model.family: "" when the config predates families, None when the workdir has no config."""
+  if not (workdir / CONFIG_FILE).is_file():
+    return None
+  model = read_config(workdir).get("model")
+  return str((model.get("family") if model is not None else None) or "")
 
 
 def checkpoint_params(path: str | os.PathLike, group: str, *, ema: bool = False) -> dict[tuple[str, ...], np.ndarray]:
@@ -639,8 +647,4 @@ def _group_params(step_dir: Path, group: str, ema: bool) -> dict[tuple[str, ...]
 
 def _is_legacy(step_dir: Path) -> bool:
   """Whether a step folder's workdir was written before parameter groups (its config names no model family)."""
-  workdir = step_dir.parent.parent
-  if not (workdir / CONFIG_FILE).is_file():
-    return False
-  model = read_config(workdir).get("model")
-  return model is None or not model.get("family")
+  return _written_family(step_dir.parent.parent) == ""
