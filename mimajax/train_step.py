@@ -97,22 +97,6 @@ def carried(rests: Mapping[str, nnx.State]) -> dict[str, nnx.State]:
   return {g: r for g, r in rests.items() if jax.tree.leaves(r)}
 
 
-def init_state(modules: Mapping[str, nnx.Module], optimizers: Mapping[str, optax.GradientTransformation],
-               rng: jax.Array, *, extra: Any = None, ema: bool = False) -> TrainState:  # fmt: skip
-  """The state of a fresh run, unsharded (the loop lays it out on the mesh with `train.init_sharded_state`)."""
-  _, params, rests = split_groups(modules)
-  buffers = carried(rests)
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    params=params,
-    opt_state={g: optimizers[g].init(params[g]) for g in params},
-    rng=rng,
-    extra=extra,
-    ema_params=jax.tree.map(jnp.copy, params) if ema else None,
-    buffers=buffers or None,
-  )
-
-
 def all_finite(*trees) -> jax.Array:
   """Whether every floating-point leaf of `trees` is finite: one fused reduction per leaf, ANDed (a scalar bool).
 

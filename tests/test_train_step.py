@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mimajax import train_step
+from mimajax import families, sharding, train, train_step
 from mimajax.models.layers import linear
 
 
@@ -30,12 +30,20 @@ def mse(modules, batch, rng, extra):
   return loss, {"mse": loss}
 
 
+def _initial_state(modules, tx, seed):
+  """The training loop's own initialiser, on a one-device mesh."""
+  task = families.Task(modules=modules, losses={}, optimizers={}, axis_rules={"model": ()}, iterator=None,
+                       images_per_step=0)  # fmt: skip
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  return train.init_sharded_state(task, {"model": tx}, jax.random.key(seed), mesh)
+
+
 def _step_for(loss_fn, patterns, *, seed=0, accumulation_steps=1, lr=1e-2, max_grad_norm=None):
   modules = {"model": TinyRegressor(nnx.Rngs(0))}
   graphdefs, params, rests = train_step.split_groups(modules)
   tx = train_step.make_optimizer(train_step.trainable_labels(params["model"], patterns), learning_rate=lr,
                                  max_grad_norm=max_grad_norm, weight_decay=0.0)  # fmt: skip
-  state = train_step.init_state(modules, {"model": tx}, jax.random.key(seed))
+  state = _initial_state(modules, tx, seed)
   step = train_step.make_train_step(graphdefs, {"model": loss_fn}, {"model": tx}, rests=rests,
                                     accumulation_steps=accumulation_steps)  # fmt: skip
   return state, step
@@ -120,7 +128,7 @@ def test_an_overflowing_update_with_a_finite_loss_keeps_the_state(lr, bad_step):
   graphdefs, params, rests = train_step.split_groups(modules)
   tx = train_step.make_optimizer(train_step.trainable_labels(params["model"], [".*"]), learning_rate=lr,
                                  max_grad_norm=None, weight_decay=1e-2)  # fmt: skip
-  state = train_step.init_state(modules, {"model": tx}, jax.random.key(0))
+  state = _initial_state(modules, tx, 0)
   step = jax.jit(train_step.make_train_step(graphdefs, {"model": bounded}, {"model": tx}, rests=rests))
   for i in range(1, bad_step):
     state, metrics = step(state, _batch(seed=i))
