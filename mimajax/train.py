@@ -63,16 +63,22 @@ def _host_batch(batch: dict, keys) -> dict:
   return {k: batch[k] for k in keys} if keys is not None else dict(batch)
 
 
+def check_workdir_family(config: ml_collections.ConfigDict, workdir: Path) -> str | None:
+  """The family the workdir's run records (None for a new workdir); a config of another family is refused."""
+  recorded = checkpointing.recorded_family(workdir)
+  wanted = families.name_of(config)
+  if recorded is not None and recorded != wanted:
+    raise ValueError(f"{workdir} holds a {recorded!r} run; this config trains {wanted!r} (config.model.family)")
+  return recorded
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
   """A workdir holds one run: refuse a config of another family, or one the family says does not continue
   that run (`Family.check_resume`: MIMAFace's stage, model sizes, ...), before anything in it is touched."""
-  recorded = checkpointing.recorded_family(workdir)
-  wanted = families.name_of(config)
+  recorded = check_workdir_family(config, workdir)
   if recorded is None:
     return
-  if recorded != wanted:
-    raise ValueError(f"{workdir} holds a {recorded!r} run; this config trains {wanted!r} (config.model.family)")
-  family = families.get(wanted)
+  family = families.get(recorded)
   if family.check_resume is None:
     return
   try:
@@ -89,6 +95,9 @@ def preflight(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
   """Every check that needs nothing built and writes nothing: the loop's fields, the family's, the workdir's."""
   check_config(config)
   family = families.get(families.name_of(config))
+  # Which run the workdir holds comes first: a config of another family is the mistake to name, whatever else
+  # in it (a data path of this machine, say) is also off.
+  check_workdir_family(config, Path(workdir))
   family.check_config(config)
   check_workdir(config, Path(workdir))
   return family
