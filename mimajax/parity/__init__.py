@@ -10,6 +10,11 @@ the check functions.
   scheduler         DDPM noising / velocity, DDIM and Euler loops against diffusers' schedulers
   clip              transformers' CLIP vision model
   mimaface          the whole stage-2 MIMAFace against its PyTorch export (imported when run)
+  image_metrics     ssim (PSNR and SSIM vs scikit-image) and lpips (vs the `lpips` package, same weights)
+  fid               inception (the FID Inception-v3 vs its TorchScript file) and fid (vs pytorch-fid's distance)
+  identity          ir101 (CurricularFace IR-101 vs a PyTorch IR-101 with the release's names)
+
+The metric checks compare against their own bound (TOLERANCES), not the models' PARITY_TOLERANCE.
 
 This module holds the COMPONENTS table the command dispatches on; the check modules import only `common`.
 """
@@ -29,6 +34,24 @@ def mimaface_parity(size: str = "tiny", pretrained: str | None = None, seed: int
   return parity_mimaface.mimaface_parity(size=size, pretrained=pretrained, seed=seed, log=log, **kw)
 
 
+def _lazy(module: str, name: str):
+  """A check whose module (and its reference packages) is imported only when the check runs."""
+
+  def check(**kw) -> float:
+    import importlib
+
+    return getattr(importlib.import_module(f"mimajax.parity.{module}"), name)(**kw)
+
+  check.__name__ = name
+  return check
+
+
+ssim_parity = _lazy("image_metrics", "ssim_parity")
+lpips_parity = _lazy("image_metrics", "lpips_parity")
+inception_parity = _lazy("fid", "inception_parity")
+fid_parity = _lazy("fid", "fid_parity")
+ir101_parity = _lazy("identity", "ir101_parity")
+
 COMPONENTS = {
   "unet": unet_parity,
   "vae": vae_parity,
@@ -36,11 +59,19 @@ COMPONENTS = {
   "clip": clip_parity,
   "motion": motion_parity,
   "mimaface": mimaface_parity,
+  "ssim": ssim_parity,
+  "lpips": lpips_parity,
+  "inception": inception_parity,
+  "fid": fid_parity,
+  "ir101": ir101_parity,
 }
+# Bounds on rel_err per component (the metrics' references are exact algorithms, so most are tighter).
+TOLERANCES = {"ssim": 1e-5, "lpips": 1e-4, "inception": 1e-4, "fid": 1e-6, "ir101": 1e-4}
 
 __all__ = [
   "COMPONENTS",
   "PARITY_TOLERANCE",
+  "TOLERANCES",
   "clip_parity",
   "mimaface_parity",
   "motion_parity",
