@@ -16,6 +16,7 @@ from data_pipeline.motion_extraction import add_arguments as extract_motion_argu
 from data_pipeline.prepare import add_arguments as prepare_arguments
 from mimajax import cli_errors, families
 from mimajax.errors import CheckpointReadError
+from mimajax.evaluation import command as evaluate_command
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE, TOLERANCES
 
 # What --pretrained must be, per component (a pipeline folder holds the diffusers components as subfolders).
@@ -162,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     help="train from a config: mimajax train --config configs/tiny.py --workdir DIR [--config.total_steps=6]",
     add_help=False,
   )
+
+  p = sub.add_parser(
+    "evaluate", help="the papers' metrics on same-/cross-identity pairs, with copy-source/copy-driver baselines"
+  )
+  evaluate_command.add_arguments(p)
+  p.set_defaults(fn=evaluate_command.run)
 
   p = sub.add_parser("prepare", help="videos + 3DMM coefficients -> ArrayRecord shards and manifest.json")
   prepare_arguments(p)

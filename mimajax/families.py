@@ -85,6 +85,22 @@ class Command:
 
 
 @dataclasses.dataclass(frozen=True)
+class Animator:
+  """A trained model as `mimajax evaluate` drives it: one source face crop and a driver's frames in, frames out.
+
+  Inputs are face crops as `mimajax prepare` writes them (square, uint8) with their coefficient rows when the data
+  has them (MIMAFace's motion comes from them; a keypoint model reads the driver's frames). Output: (T, R, R, 3)
+  uint8 at the model's `resolution`, one frame per driver frame.
+  """
+
+  name: str  # what is scored, for the report: family, checkpoint and step
+  resolution: int
+  # (source crop (H, W, 3), source row (C,) | None, driver crops (T, H, W, 3), driver rows (T, C) | None, seed)
+  animate: Callable[[Any, Any, Any, Any, int], Any]
+  training_data: str | None = None  # the data the model was trained on (config.data.path), when recorded
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   """A model family: its name, its config check, the task it builds, and its command-line verbs."""
 
@@ -95,6 +111,8 @@ class Family:
   # (the workdir's recorded config, this run's config): raises ValueError naming a field that may not change
   # when a run continues in its workdir (see `compare_fields`); called before anything in the workdir is touched
   check_resume: Callable[[Any, Any], None] | None = None
+  # (a trained model on disk, evaluation options: sampler steps, ...) -> Animator (what `mimajax evaluate` scores)
+  load_animator: Callable[[Path, Mapping[str, Any]], Animator] | None = None
 
 
 _REGISTERED: dict[str, Family] = {}

@@ -17,7 +17,7 @@ from flax import nnx
 from data_pipeline import loader
 from mimajax import families
 from mimajax.diffusion import schedulers
-from mimajax.mimaface import animate, conditioning, export_command, pretrained
+from mimajax.mimaface import animate, conditioning, evaluation, export_command, pretrained
 from mimajax.mimaface.inference import GROUP
 from mimajax.mimaface.memory_bank import enqueue, init_memory_bank
 from mimajax.mimaface.model import training_loss
@@ -147,6 +147,7 @@ FAMILY = families.Family(
   build_task=build_task,
   check_config=check_config,
   check_resume=check_resume,
+  load_animator=evaluation.load_animator,
   commands={
     "animate": families.Command(
       animate.add_arguments,

@@ -1,0 +1,164 @@
+"""One pair of one system -> per-frame metrics, with the networks loaded once and the references analysed once.
+
+Which metric compares what (G: generated frames, S: the source frame, D: the driving frames):
+
+  metric  same_identity          cross_identity   definition (mimajax.metrics)
+  psnr    G vs D (ground truth)  -                image.psnr, dB, per frame on [0, 1] RGB
+  ssim    G vs D                 -                image.ssim, Gaussian window (Wang et al. 2004)
+  lpips   G vs D                 -                lpips.LPIPS (AlexNet by default; --lpips-net vgg)
+  fid     all G vs all D         all G vs all D   fid.frechet_distance of FID Inception-v3 pool features; the real
+                                                  set is the protocol's driving frames (real frames of the test set)
+  csim    S vs G                 S vs G           cosine similarity of identity embeddings (--identity network)
+  akd     G vs D                 G vs D           face_motion landmarks, mean pixel distance at 256 px
+  apd     G vs D                 G vs D           mean |head angle difference|, radians
+  aed     G vs D                 G vs D           mean |blendshape difference| (52 MediaPipe expression scores)
+  exp     G vs D                 G vs D           L2 of the 64 expression coefficients (the dataset's 3DMM)
+  pose    G vs D                 G vs D           mean |difference| of the 6 pose values (angles + translation)
+  gaze    G vs D                 G vs D           mean |difference| of the 4 gaze values
+
+A frame where a face network finds no face gives NaN for its metrics; the frame counts of every figure say how many
+frames it averages, and the frames without a face are counted per pair and system (`no_face`). Every frame is
+resized to the evaluation resolution (the dataset's frames) before it is scored, so systems that generate at other
+sizes are compared on the same pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "apd", "aed", "exp", "pose", "gaze")
+ALL_METRICS = FRAME_METRICS[:3] + ("fid",) + FRAME_METRICS[3:]
+GROUND_TRUTH_METRICS = ("psnr", "ssim", "lpips")  # same_identity only: cross_identity has no ground truth
+MOTION_METRICS = ("akd", "apd", "aed", "exp", "pose", "gaze")
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "csim": True}  # the rest: lower is better
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+  """(T, H, W, 3) uint8 -> (T, size, size, 3): area when shrinking, cubic when enlarging."""
+  import cv2
+
+  frames = np.asarray(frames)
+  if frames.shape[1:3] == (size, size):
+    return frames
+  interp = cv2.INTER_AREA if frames.shape[1] > size else cv2.INTER_CUBIC
+  return np.stack([cv2.resize(f, (size, size), interpolation=interp) for f in frames])
+
+
+def to_unit(frames: np.ndarray) -> np.ndarray:
+  return np.asarray(frames, np.float32) / 255.0
+
+
+@dataclasses.dataclass
+class Networks:
+  """The face networks behind the metrics, loaded once; each names itself in the report."""
+
+  lpips: Any
+  inception: Any
+  identity: Any
+  face_motion: Any
+
+  @classmethod
+  def load(cls, *, lpips_net: str = "alex", identity: str = "dlib", identity_weights: str | None = None,
+           inception_weights: str | None = None, face_model: str | None = None,
+           landmarks: str = "mediapipe") -> "Networks":  # fmt: skip
+    from mimajax.metrics import face_motion
+    from mimajax.metrics import identity as identity_nets
+    from mimajax.metrics.inception import FIDInception
+    from mimajax.metrics.lpips import LPIPS
+
+    return cls(
+      lpips=LPIPS.load(net=lpips_net),
+      inception=FIDInception.load(path=inception_weights),
+      identity=identity_nets.load_identity(identity, path=identity_weights),
+      face_motion=face_motion.FaceMotion.load(face_model=face_model, landmarks=landmarks),
+    )
+
+  def network_names(self) -> dict[str, str]:
+    motion = str(getattr(self.face_motion, "network", "face motion"))
+    return {
+      "psnr": "pixels (RGB in [0, 1])",
+      "ssim": "pixels (Gaussian-window SSIM, sigma 1.5)",
+      "lpips": str(self.lpips.network),
+      "fid": str(self.inception.network),
+      "csim": str(self.identity.network),
+      **{m: motion for m in MOTION_METRICS},
+    }
+
+
+@dataclasses.dataclass
+class References:
+  """What every system of one pair is compared with, analysed once: the source and the driver (= ground truth)."""
+
+  source: np.ndarray  # (R, R, 3) uint8 at the evaluation resolution
+  driver: np.ndarray  # (T, R, R, 3)
+  source_embedding: np.ndarray  # (1, D)
+  source_found: bool
+  driver_motion: Any  # FaceMotionResult of the driver frames
+  driver_features: np.ndarray  # (T, 2048) Inception features (the protocol's real set)
+
+
+class Scorer:
+  def __init__(self, networks: Networks, resolution: int):
+    self.nets = networks
+    self.resolution = resolution
+
+  def references(self, source: np.ndarray, driver: np.ndarray) -> References:
+    source = resize_frames(source[None], self.resolution)[0]
+    driver = resize_frames(driver, self.resolution)
+    emb, found = self.nets.identity.embed(source[None])
+    return References(source, driver, np.asarray(emb), bool(np.asarray(found)[0]),
+                      self.nets.face_motion.analyze(driver), self.nets.inception.features(driver))  # fmt: skip
+
+  def score(
+    self, protocol: str, generated: np.ndarray, ref: References, *, motion=None
+  ) -> tuple[dict, np.ndarray, Any]:
+    """Per-frame values {metric: (T,)} of `generated` against `ref`, its Inception features, its face analysis.
+
+    motion: the generated frames' face analysis when already known (the copy-driver baseline is the driver)."""
+    from mimajax.metrics import identity as identity_nets
+    from mimajax.metrics import image
+    from mimajax.metrics import motion as motion_metrics
+
+    gen = resize_frames(generated, self.resolution)
+    if len(gen) != len(ref.driver):
+      raise ValueError(f"{len(gen)} generated frames for {len(ref.driver)} driving frames")
+    out: dict[str, np.ndarray] = {}
+    if protocol == "same_identity":
+      x, y = to_unit(gen), to_unit(ref.driver)
+      out["psnr"] = np.asarray(image.psnr(x, y), np.float64)
+      out["ssim"] = np.asarray(image.ssim(x, y), np.float64)
+      out["lpips"] = np.asarray(self.nets.lpips(x, y), np.float64)
+    emb, found = self.nets.identity.embed(gen)
+    csim = np.asarray(identity_nets.cosine_similarity(np.repeat(ref.source_embedding, len(gen), 0), emb), np.float64)
+    csim[~np.asarray(found, bool)] = np.nan
+    if not ref.source_found:
+      csim[:] = np.nan
+    out["csim"] = csim
+    analysis = motion if motion is not None else self.nets.face_motion.analyze(gen)
+    for name in MOTION_METRICS:
+      fn = getattr(motion_metrics, name)
+      try:
+        out[name] = np.asarray(fn(analysis, ref.driver_motion), np.float64)
+      except ValueError:  # e.g. `exp` without an expression basis: the metric is not available for this data
+        out[name] = np.full(len(gen), np.nan)
+    return out, self.nets.inception.features(gen), analysis
+
+
+def no_face_frames(values: Mapping[str, np.ndarray]) -> int:
+  """Frames where a face network found no face (NaN in CSIM or in the landmark metrics)."""
+  masks = [np.isnan(values[m]) for m in ("csim", "akd") if m in values]
+  return int(np.logical_or.reduce(masks).sum()) if masks else 0
+
+
+def aggregate(per_frame: list[np.ndarray]) -> tuple[float | None, int]:
+  """Mean over the valid frames of all pairs (each frame weighs the same), and their number. inf stays inf."""
+  values = np.concatenate(per_frame) if per_frame else np.zeros(0)
+  valid = values[~np.isnan(values)]
+  if not len(valid):
+    return None, 0
+  mean = float(np.mean(valid))
+  return (mean if math.isfinite(mean) else float("inf")), int(len(valid))
