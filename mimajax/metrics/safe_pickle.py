@@ -24,6 +24,9 @@ _ALLOWED = frozenset(
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
+    # Protocol 5 pickles of arrays: an array over the pickled buffer.
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("collections", "OrderedDict"),
     # Protocol 2 pickles store bytes as `_codecs.encode(str, "latin1")`: it only encodes a string.
     ("_codecs", "encode"),
