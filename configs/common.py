@@ -214,6 +214,11 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.sample = ml_collections.ConfigDict(
     dict(every_steps=5000, count=2, num_inference_steps=25, guidance_scale=3.5, scheduler="ddim")
   )
+  # Evaluation during training (mimajax.evaluation.during_training): every N steps (0: off), the first `pairs` pairs
+  # of each protocol of `data` (default config.data.path), `frames` driving frames each, into TensorBoard.
+  config.eval = ml_collections.ConfigDict(
+    dict(every_steps=0, data="", pairs=2, frames=8, protocols="same_identity,cross_identity", seed=0, steps=0)
+  )
   config.distributed = False  # True: jax.distributed.initialize() (multi-host GPU / TPU pods)
   config.noise_schedule = noise_schedule()
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices

@@ -57,6 +57,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"global batch {config.data.batch_size} does not split over {jax.process_count()} hosts (config.data.batch_size)"
     )
+  from mimajax.evaluation import during_training  # the face networks load only when an evaluation runs
+
+  during_training.check_config(config)
 
 
 def _host_batch(batch: dict, keys) -> dict:
@@ -228,6 +231,18 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
   total = config.total_steps
   task = run.task
   reporter = train_metrics.Reporter(workdir, config, start=start, total=total)
+  family = families.get(families.name_of(config))
+  eval_every = int(config.eval.get("every_steps") or 0) if "eval" in config else 0
+  if eval_every and family.load_animator is None:
+    log.warning(
+      "config.eval.every_steps=%d: the %r family has no animator to evaluate; skipped", eval_every, family.name
+    )
+    eval_every = 0
+  evaluator = None
+  if eval_every and jax.process_index() == 0:
+    from mimajax.evaluation.during_training import TrainingEvaluator
+
+    evaluator = TrainingEvaluator(config)
   preempt = checkpointing.PreemptionFlag().install()
   compiled = None
   step = start
@@ -250,7 +265,13 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
       step += 1
       reporter.step(step, metrics, images=task.images_per_step)
       stop = preempt.reached(step)
-      ckpt.save(step, state, run.iterator.get_state(), force=stop or step == total)
+      # decided alike on every process: the save it forces is collective
+      evaluate = eval_every and (step % eval_every == 0 or step == total) and not stop
+      ckpt.save(step, state, run.iterator.get_state(), force=stop or step == total or evaluate)
+      if evaluate:
+        ckpt.wait()  # the animator loads the step just saved: what `mimajax evaluate --checkpoint` would score
+        if evaluator is not None:
+          reporter.writer.write_scalars(step, evaluator(family, workdir))
       if stop:
         log.warning("preempted (SIGTERM): saved step %d to %s", step, ckpt.directory)
         break

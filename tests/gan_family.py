@@ -115,7 +115,26 @@ def check_config(config) -> None:
     raise ValueError("config.train.generator_lr and discriminator_lr must be > 0")
 
 
-FAMILY = families.register(families.Family(name="toy_gan", build_task=build_task, check_config=check_config))
+ANIMATED: list[str] = []  # the step folders the animator was loaded from (the evaluation-during-training test)
+
+
+def load_animator(path, options) -> families.Animator:
+  """`mimajax evaluate` of a point GAN: the driver's frames brightened by an amount its generator's weights set."""
+  from mimajax import checkpointing
+
+  step_dir, params = checkpointing.intact_params(path, "generator")
+  ANIMATED.append(step_dir.name)
+  shift = int(np.round(40 * np.tanh(float(sum(np.abs(v).sum() for v in params.values())) / 100)))
+
+  def run(source, source_row, driver, driver_rows, seed):
+    return np.clip(driver.astype(np.int16) + shift, 0, 255).astype(np.uint8)
+
+  return families.Animator(f"toy_gan ({step_dir})", 64, run)
+
+
+FAMILY = families.register(
+  families.Family(name="toy_gan", build_task=build_task, check_config=check_config, load_animator=load_animator)
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -15,9 +15,11 @@ import dataclasses
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+from scipy.linalg import LinAlgWarning
 
 from mimajax import atomic, cli_errors, families, video_io
 from mimajax.errors import CheckpointReadError
@@ -191,53 +193,68 @@ def _commit(tmp: Path, out: Path) -> None:
 
 
 @dataclasses.dataclass
-class _Collected:
-  per_frame: dict  # {protocol: {system: {metric: [per-pair arrays]}}}
-  features: dict  # {protocol: {system: [feature arrays]}}, "real" for the drivers
-  no_face: dict  # {pair id: {system: frames}}
+class Collected:
+  """Everything scored so far: per-frame values, FID features, frames without a face, the grid's first pairs."""
+
+  per_frame: dict = dataclasses.field(default_factory=dict)  # {protocol: {system: {metric: [per-pair arrays]}}}
+  features: dict = dataclasses.field(default_factory=dict)  # {protocol: {system | "real": [feature arrays]}}
+  no_face: dict = dataclasses.field(default_factory=dict)  # {pair id: {system: frames}}
+  grid: dict = dataclasses.field(default_factory=dict)  # {protocol: [rows of frames]}
 
 
-def _score_all(args, dataset, pairs, animator, others, scorer, systems, tmp: Path, resolution: int) -> dict:
+def score_pairs(pairs, dataset, scorer, systems, *, animator=None, others=None, seed: int = 0, progress: bool = True,
+                on_pair=None) -> Collected:  # fmt: skip
+  """Scores every system on every pair. on_pair(pair, record, outputs): the per-pair JSON and the model's frames."""
   from tqdm import tqdm
 
-  c = _Collected({}, {}, {})
-  grid_rows: dict[str, list] = {}
-  (tmp / "per_pair").mkdir()
-  if animator is not None:
-    (tmp / "videos" / "model").mkdir(parents=True)
-  for pair in tqdm(pairs, desc="evaluate", unit="pair", disable=args.no_progress, dynamic_ncols=True):
+  others = others or {}
+  c = Collected()
+  for pair in tqdm(pairs, desc="evaluate", unit="pair", disable=not progress, dynamic_ncols=True):
     source, source_rows = dataset.read(pair.source_video, pair.source_frame, 1)
     driver, driver_rows = dataset.read(pair.driver_video, pair.driver_start, pair.frames)
     ref = scorer.references(source[0], driver)
     outputs = {}
-    if animator is not None:
-      frames = animator.animate(source[0], source_rows[0], driver, driver_rows, args.seed)
-      video_io.write_mp4(tmp / "videos" / "model" / f"{pair.pair_id}.mp4", frames)
-      outputs["model"] = frames
+    if animator is not None and "model" in systems:
+      outputs["model"] = animator.animate(source[0], source_rows[0], driver, driver_rows, seed)
     for name, folder in others.items():
       outputs[name] = _read_system_video(folder, pair)
     outputs["copy_source"] = np.repeat(ref.source[None], pair.frames, axis=0)
     outputs["copy_driver"] = ref.driver
+    known = {"copy_source": ref.source_analysis.repeat(pair.frames), "copy_driver": ref.driver_analysis}
     record = {"pair": pair.to_json(), "systems": {}}
     rows = {"source": ref.source, "driver": ref.driver}
     for name in systems:
-      motion = ref.driver_motion if name == "copy_driver" else None
-      values, feats, _ = scorer.score(pair.protocol, outputs[name], ref, motion=motion)
-      c.features.setdefault(pair.protocol, {}).setdefault(name, []).append(feats)
+      values, analysis = scorer.score(pair.protocol, outputs[name], ref, known.get(name))
+      c.features.setdefault(pair.protocol, {}).setdefault(name, []).append(analysis.features)
       for m, v in values.items():
         c.per_frame.setdefault(pair.protocol, {}).setdefault(name, {}).setdefault(m, []).append(v)
       lost = scoring.no_face_frames(values)
       if lost:
         c.no_face.setdefault(pair.pair_id, {})[name] = lost
-      record["systems"][name] = {m: v for m, v in values.items()}
-      rows[name] = scoring.resize_frames(outputs[name], resolution)
-    c.features[pair.protocol].setdefault("real", []).append(ref.driver_features)
-    if len(grid_rows.setdefault(pair.protocol, [])) < GRID_PAIRS:
-      grid_rows[pair.protocol].append(rows)
+      record["systems"][name] = values
+      rows[name] = scoring.resize_frames(outputs[name], scorer.resolution)
+    c.features[pair.protocol].setdefault("real", []).append(ref.driver_analysis.features)
+    if len(c.grid.setdefault(pair.protocol, [])) < GRID_PAIRS:
+      c.grid[pair.protocol].append(rows)
+    if on_pair is not None:
+      on_pair(pair, record, outputs)
+  return c
+
+
+def _score_all(args, dataset, pairs, animator, others, scorer, systems, tmp: Path, resolution: int) -> dict:
+  (tmp / "per_pair").mkdir()
+  if animator is not None:
+    (tmp / "videos" / "model").mkdir(parents=True)
+
+  def on_pair(pair, record, outputs):
+    if "model" in outputs:  # the model's frames, as a --videos system reads them back (re-scorable)
+      video_io.write_mp4(tmp / "videos" / "model" / f"{pair.pair_id}.mp4", outputs["model"])
     report.write_json(tmp / "per_pair" / f"{pair.pair_id}.json", record)
 
-  figures = _figures(c, systems)
-  for protocol, rows in grid_rows.items():
+  c = score_pairs(pairs, dataset, scorer, systems, animator=animator, others=others, seed=args.seed,
+                  progress=not args.no_progress, on_pair=on_pair)  # fmt: skip
+  figures = figures_of(c, systems)
+  for protocol, rows in c.grid.items():
     report.write_grid(tmp / f"grid_{protocol}.png", rows, systems)
     report.write_curves(tmp / f"curves_{protocol}.png", c.per_frame[protocol], protocol)
   counts = {p: sum(q.protocol == p for q in pairs) for p in protocols.PROTOCOLS if any(q.protocol == p for q in pairs)}
@@ -245,7 +262,8 @@ def _score_all(args, dataset, pairs, animator, others, scorer, systems, tmp: Pat
           "no_face_total": int(sum(sum(v.values()) for v in c.no_face.values()))}  # fmt: skip
 
 
-def _figures(c: _Collected, systems) -> dict:
+def figures_of(c: Collected, systems) -> dict:
+  """{protocol: {system: {metric: (value, frames)}}}: frame means, and FID over all frames of a protocol."""
   from mimajax.metrics import fid
 
   figures: dict = {}
@@ -256,8 +274,11 @@ def _figures(c: _Collected, systems) -> dict:
       for m in report.TABLE_METRICS[protocol]:
         if m == "fid":
           gen = np.concatenate(c.features[protocol][name])
-          metrics["fid"] = (float(fid.fid(gen, real)), int(len(gen))) if len(gen) >= 2 and len(real) >= 2 else (
-            None, int(len(gen)))  # fmt: skip
+          # Below 2048 frames the covariances are rank-deficient (scipy warns); the frame count goes with the value.
+          with warnings.catch_warnings():
+            warnings.simplefilter("ignore", LinAlgWarning)
+            value = float(fid.fid(gen, real)) if len(gen) >= 2 and len(real) >= 2 else None
+          metrics["fid"] = (value, int(len(gen)))
         else:
           metrics[m] = scoring.aggregate(by_system[name].get(m, []))
       figures.setdefault(protocol, {})[name] = metrics

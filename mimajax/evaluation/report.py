@@ -89,7 +89,8 @@ def write_markdown(path: Path, figures, systems, networks, meta: dict) -> str:
     f"scored at {meta['resolution']} px. Figures average every scored frame; FID's statistics come from the "
     "frames counted in summary.json (few frames bias FID upwards: compare FIDs only at equal counts).",
     "PSNR/SSIM/LPIPS compare with the ground truth (same-identity only); CSIM compares with the source; the motion "
-    "metrics compare with the driver. copy_driver's same-identity frames are the ground truth itself (PSNR inf).",
+    "metrics compare with the driver. copy_driver's same-identity frames are the ground truth itself; identical "
+    "frames count as 100 dB of PSNR.",
   ]
   notes += [f"Warning: {w}" for w in meta.get("warnings", [])]
   if meta.get("no_face_total"):

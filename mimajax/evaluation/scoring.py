@@ -3,7 +3,7 @@
 Which metric compares what (G: generated frames, S: the source frame, D: the driving frames):
 
   metric  same_identity          cross_identity   definition (mimajax.metrics)
-  psnr    G vs D (ground truth)  -                image.psnr, dB, per frame on [0, 1] RGB
+  psnr    G vs D (ground truth)  -                image.psnr, dB, per frame on [0, 1] RGB, at most PSNR_CAP
   ssim    G vs D                 -                image.ssim, Gaussian window (Wang et al. 2004)
   lpips   G vs D                 -                lpips.LPIPS (AlexNet by default; --lpips-net vgg)
   fid     all G vs all D         all G vs all D   fid.frechet_distance of FID Inception-v3 pool features; the real
@@ -34,6 +34,9 @@ FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "apd", "aed", "exp", "p
 ALL_METRICS = FRAME_METRICS[:3] + ("fid",) + FRAME_METRICS[3:]
 GROUND_TRUTH_METRICS = ("psnr", "ssim", "lpips")  # same_identity only: cross_identity has no ground truth
 MOTION_METRICS = ("akd", "apd", "aed", "exp", "pose", "gaze")
+# Identical frames have an infinite PSNR; counting them as 100 dB keeps a mean finite (a copy of the ground truth, a
+# static clip) while staying above any two 8-bit frames that differ at all at these sizes (about 89 dB at 64 px).
+PSNR_CAP = 100.0
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "csim": True}  # the rest: lower is better
 
 
@@ -90,15 +93,32 @@ class Networks:
 
 
 @dataclasses.dataclass
+class Analysis:
+  """What the networks make of a set of frames, computed once and shared by every comparison that needs it."""
+
+  features: np.ndarray  # (T, 2048) FID Inception pool features
+  embedding: np.ndarray  # (T, D) identity embeddings
+  found: np.ndarray  # (T,) the identity network found a face
+  motion: Any  # face_motion.FaceMotionResult
+
+  def repeat(self, t: int) -> "Analysis":
+    """A one-frame analysis as that of the frame shown t times (the copy-source baseline)."""
+    motion = dataclasses.replace(self.motion, **{
+      f.name: np.repeat(getattr(self.motion, f.name), t, axis=0) for f in dataclasses.fields(self.motion)
+      if isinstance(getattr(self.motion, f.name), np.ndarray)
+    })  # fmt: skip
+    return Analysis(np.repeat(self.features, t, 0), np.repeat(self.embedding, t, 0), np.repeat(self.found, t, 0),
+                    motion)  # fmt: skip
+
+
+@dataclasses.dataclass
 class References:
   """What every system of one pair is compared with, analysed once: the source and the driver (= ground truth)."""
 
   source: np.ndarray  # (R, R, 3) uint8 at the evaluation resolution
   driver: np.ndarray  # (T, R, R, 3)
-  source_embedding: np.ndarray  # (1, D)
-  source_found: bool
-  driver_motion: Any  # FaceMotionResult of the driver frames
-  driver_features: np.ndarray  # (T, 2048) Inception features (the protocol's real set)
+  source_analysis: Analysis  # of the one source frame
+  driver_analysis: Analysis  # of the driving frames (the protocol's real set for FID)
 
 
 class Scorer:
@@ -106,46 +126,47 @@ class Scorer:
     self.nets = networks
     self.resolution = resolution
 
+  def analyse(self, frames: np.ndarray) -> Analysis:
+    frames = resize_frames(frames, self.resolution)
+    emb, found = self.nets.identity.embed(frames)
+    return Analysis(np.asarray(self.nets.inception.features(frames)), np.asarray(emb), np.asarray(found, bool),
+                    self.nets.face_motion.analyze(frames))  # fmt: skip
+
   def references(self, source: np.ndarray, driver: np.ndarray) -> References:
-    source = resize_frames(source[None], self.resolution)[0]
+    source = resize_frames(source[None], self.resolution)
     driver = resize_frames(driver, self.resolution)
-    emb, found = self.nets.identity.embed(source[None])
-    return References(source, driver, np.asarray(emb), bool(np.asarray(found)[0]),
-                      self.nets.face_motion.analyze(driver), self.nets.inception.features(driver))  # fmt: skip
+    return References(source[0], driver, self.analyse(source), self.analyse(driver))
 
-  def score(
-    self, protocol: str, generated: np.ndarray, ref: References, *, motion=None
-  ) -> tuple[dict, np.ndarray, Any]:
-    """Per-frame values {metric: (T,)} of `generated` against `ref`, its Inception features, its face analysis.
-
-    motion: the generated frames' face analysis when already known (the copy-driver baseline is the driver)."""
+  def score(self, protocol: str, generated: np.ndarray, ref: References, analysis: Analysis | None = None) -> tuple[
+      dict, Analysis]:  # fmt: skip
+    """Per-frame values {metric: (T,)} of `generated` against `ref`, and the generated frames' analysis (given when
+    already known: the baselines are the references' own frames)."""
     from mimajax.metrics import identity as identity_nets
     from mimajax.metrics import image
     from mimajax.metrics import motion as motion_metrics
 
     gen = resize_frames(generated, self.resolution)
-    if len(gen) != len(ref.driver):
-      raise ValueError(f"{len(gen)} generated frames for {len(ref.driver)} driving frames")
+    t = len(ref.driver)
+    if len(gen) != t:
+      raise ValueError(f"{len(gen)} generated frames for {t} driving frames")
+    a = analysis if analysis is not None else self.analyse(gen)
     out: dict[str, np.ndarray] = {}
     if protocol == "same_identity":
       x, y = to_unit(gen), to_unit(ref.driver)
-      out["psnr"] = np.asarray(image.psnr(x, y), np.float64)
+      out["psnr"] = np.minimum(np.asarray(image.psnr(x, y), np.float64), PSNR_CAP)
       out["ssim"] = np.asarray(image.ssim(x, y), np.float64)
       out["lpips"] = np.asarray(self.nets.lpips(x, y), np.float64)
-    emb, found = self.nets.identity.embed(gen)
-    csim = np.asarray(identity_nets.cosine_similarity(np.repeat(ref.source_embedding, len(gen), 0), emb), np.float64)
-    csim[~np.asarray(found, bool)] = np.nan
-    if not ref.source_found:
-      csim[:] = np.nan
+    src = ref.source_analysis
+    csim = np.asarray(identity_nets.cosine_similarity(np.repeat(src.embedding, t, 0), a.embedding), np.float64)
+    csim[~a.found | ~src.found[0]] = np.nan
     out["csim"] = csim
-    analysis = motion if motion is not None else self.nets.face_motion.analyze(gen)
     for name in MOTION_METRICS:
       fn = getattr(motion_metrics, name)
       try:
-        out[name] = np.asarray(fn(analysis, ref.driver_motion), np.float64)
-      except ValueError:  # e.g. `exp` without an expression basis: the metric is not available for this data
-        out[name] = np.full(len(gen), np.nan)
-    return out, self.nets.inception.features(gen), analysis
+        out[name] = np.asarray(fn(a.motion, ref.driver_analysis.motion), np.float64)
+      except ValueError:  # `exp` without an expression basis: the metric is not available for this data
+        out[name] = np.full(t, np.nan)
+    return out, a
 
 
 def no_face_frames(values: Mapping[str, np.ndarray]) -> int:
