@@ -101,3 +101,28 @@ def to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   return {
     k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v)) for k, v in batch.items()
   }
+
+
+# ----------------------------------------------------------------------------- per-host inference (evaluation)
+
+
+def local_rows_mesh() -> Mesh:
+  """A 1-D ("data",) mesh over this process's devices: inference whose rows (frames) are independent, such as the
+  evaluation networks, splits each batch over it, with the weights replicated."""
+  return Mesh(np.asarray(jax.local_devices()), ("data",))
+
+
+def rows_multiple(rows: int, mesh: Mesh) -> int:
+  """`rows` rounded up to a multiple of the mesh's devices (callers pad their last batch to it)."""
+  d = mesh.devices.size
+  return -(-max(1, rows) // d) * d
+
+
+def split_rows(x, mesh: Mesh) -> jax.Array:
+  """A host array placed with its leading axis split over the mesh (which must divide it)."""
+  return jax.device_put(np.asarray(x), NamedSharding(mesh, P("data", *([None] * (np.ndim(x) - 1)))))
+
+
+def replicate(tree, mesh: Mesh):
+  """Every leaf of `tree` replicated on each device of the mesh (a network's weights for `split_rows` batches)."""
+  return jax.device_put(tree, replicated(mesh))

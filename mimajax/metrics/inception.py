@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mimajax import sharding
 from mimajax.metrics.assets import package_file
 
 SIZE = 299  # the input resolution the graph was trained at; the final 8x8 pool needs it
@@ -522,6 +523,9 @@ class FIDInception:
 
   def __init__(self, model: InceptionV3, network: str = DEFAULT_NETWORK):
     self.model, self.network = model, network
+    # Batches split over this host's devices, the weights on each (one device: plain single-device arrays).
+    self.mesh = sharding.local_rows_mesh()
+    nnx.update(self.model, sharding.replicate(nnx.state(self.model), self.mesh))
 
   @classmethod
   def load(cls, path: str | os.PathLike | None = None) -> FIDInception:
@@ -561,12 +565,13 @@ class FIDInception:
     n = pixels.shape[0]
     if n == 0:
       return np.zeros((0, FEATURES), np.float32)
-    batch = max(1, min(batch_size, n))
+    batch = sharding.rows_multiple(min(batch_size, n), self.mesh)
     out = []
     for start in range(0, n, batch):
       chunk = pixels[start : start + batch]
       pad = batch - chunk.shape[0]
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(_pool_features(self.model, _preprocess(jnp.asarray(chunk))))[: batch - pad])
+      chunk = sharding.split_rows(chunk, self.mesh)
+      out.append(np.asarray(_pool_features(self.model, _preprocess(chunk)))[: batch - pad])
     return np.concatenate(out).astype(np.float32)

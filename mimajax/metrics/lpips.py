@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimajax import sharding
 from mimajax.metrics import safe_pickle
 from mimajax.metrics.assets import package_file
 
@@ -149,7 +150,9 @@ class LPIPS:
     if net not in _NETS:
       raise ValueError(f"LPIPS net must be one of {sorted(_NETS)}, got {net!r}")
     self.net, self.network, self.batch_size = net, network, int(batch_size)
-    self.params = jax.tree_util.tree_map(jnp.asarray, params)
+    # Batches split over this host's devices, the weights on each (one device: plain single-device arrays).
+    self.mesh = sharding.local_rows_mesh()
+    self.params = sharding.replicate(jax.tree_util.tree_map(jnp.asarray, params), self.mesh)
 
   @classmethod
   def load(cls, net: str = "alex", path: str | os.PathLike | None = None, batch_size: int = 16) -> LPIPS:
@@ -169,7 +172,7 @@ class LPIPS:
     if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"expected two [N, H, W, 3] arrays of one shape, got {x.shape} and {y.shape}")
     n = x.shape[0]
-    size = max(1, min(self.batch_size, n))
+    size = sharding.rows_multiple(min(self.batch_size, n), self.mesh)
     out = []
     for i in range(0, n, size):
       xb, yb = x[i : i + size], y[i : i + size]
@@ -177,5 +180,6 @@ class LPIPS:
       if m < size:  # pad the last batch to the same shape, so it reuses the compiled function
         pad = [(0, size - m), (0, 0), (0, 0), (0, 0)]
         xb, yb = np.pad(xb, pad), np.pad(yb, pad)
+      xb, yb = sharding.split_rows(xb, self.mesh), sharding.split_rows(yb, self.mesh)
       out.append(np.asarray(_distance(self.net, self.params, xb, yb))[:m])
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
