@@ -51,6 +51,8 @@ def _cell(metric: str, value) -> str:
     return "-"
   if isinstance(value, float) and math.isinf(value):
     return "inf"
+  if metric == "fid":
+    value = max(value, 0.0)  # a Frechet distance is >= 0; a set against itself comes out at -1e-10 or so
   if metric in ("psnr", "fid", "akd", "exp"):
     return f"{value:.3f}"
   return f"{value:.4f}"
