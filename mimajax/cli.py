@@ -31,8 +31,9 @@ PRETRAINED_EXPECTED = {
   "ir101": (
     "a CurricularFace IR-101 checkpoint (CurricularFace_Backbone.pth, as the official MIMAFace release ships it)"
   ),
+  "face_features": "a CurricularFace IR-101 checkpoint (CurricularFace_Backbone.pth of the release's models/ArcFace/)",
 }
-PRETRAINED_FILES = ("inception", "ir101")  # --pretrained is a file for these, a folder for the others
+PRETRAINED_FILES = ("inception", "ir101", "face_features")  # --pretrained is a file for these, a folder for the others
 DIFFUSERS = ("unet", "vae")  # read by diffusers' from_pretrained
 
 
