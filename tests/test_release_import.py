@@ -24,10 +24,14 @@ def _torch_state(module):
 @pytest.fixture(scope="module")
 def release_dir(tmp_path_factory):
   """A tiny release folder in the official layout, every tensor random."""
+  return write_release(tmp_path_factory.mktemp("release"))
+
+
+def write_release(root, mia_config: MIAConfig = MIA):
+  """Writes a tiny release folder (random tensors) at `root`: (root, U-Net, 3dunet, CLIP states, the MIA)."""
   from diffusers import MotionAdapter, UNet2DConditionModel
   from transformers import CLIPVisionConfig, CLIPVisionModel
 
-  root = tmp_path_factory.mktemp("release")
   torch.manual_seed(0)
   unet = perturb_(UNet2DConditionModel(**TINY_UNET))
   unet.save_pretrained(root / "pretrained_unet")
@@ -44,7 +48,7 @@ def release_dir(tmp_path_factory):
   clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                           num_attention_heads=4, image_size=32, patch_size=8))  # fmt: skip
   perturb_(clip).save_pretrained(root / "vision_encoder")
-  mia = ReleaseMIA(MIA, rngs=nnx.Rngs(3))
+  mia = ReleaseMIA(mia_config, rngs=nnx.Rngs(3))
   leaves, treedef = jax.tree.flatten(nnx.state(mia, nnx.Param))
   nnx.update(
     mia,

@@ -88,6 +88,19 @@ def source_coefficients(image, resolution: int, *, box=None, path: str | None = 
   return driving.source_motion(crop, face_model)
 
 
+def release_face_features(inference, source: np.ndarray) -> np.ndarray:
+  """The release MIA's face-recognition input (1, D) of the aligned source crop, computed as the release does
+  (mimajax.mimaface.face_features) with the folder's CurricularFace weights."""
+  features = inference.face_features(source)
+  want = inference.model.config.mia.face_recognition_dim
+  if features.shape[-1] != want:
+    raise ValueError(
+      f"this release MIA takes {want} face-recognition values, CurricularFace's deep features are "
+      f"{features.shape[-1]}: pass matching ones (--face-features FILE.npy)"
+    )
+  return features
+
+
 # ----------------------------------------------------------------------------- clip plan
 
 
@@ -229,7 +242,8 @@ def generate_animation(
   """`animate` with what it was made from; decode=False leaves the pixels to `iter_frames` (long videos)."""
   model = inference.model
   video = model.config.video
-  if model.config.mia.variant == "release" and face_features is None:
+  extractor = getattr(inference, "face_features", None)  # a release folder's FaceFeatures
+  if model.config.mia.variant == "release" and face_features is None and extractor is None:
     raise ValueError(
       "the release variant's MIA needs the source's face-recognition features (CurricularFace, "
       f"{model.config.mia.face_recognition_dim} values): pass face_features (--face-features FILE.npy)"
@@ -243,6 +257,8 @@ def generate_animation(
     raise ValueError(f"clip_frames={f} exceeds the motion modules' {model.config.motion.max_seq_length} positions")
   box = find_face(source_image)
   source = crop_source(source_image, inference.resolution, box=box)
+  if model.config.mia.variant == "release" and face_features is None:
+    face_features = release_face_features(inference, source)
   if source_coeffs is None:
     source_coeffs = source_coefficients(source_image, inference.resolution, box=box, face_model=inference.face_model)
   motion = driving.blend(source_coeffs, rows, mode)
@@ -318,7 +334,8 @@ def add_arguments(p) -> None:
   p.add_argument("--source-coefficients", default=None, metavar="FILE[:FRAME]",
                  help="the source's own 3DMM coefficients (default: from its FaceMesh landmarks)")  # fmt: skip
   p.add_argument("--face-features", default=None, metavar="FILE.npy",
-                 help="the source's face-recognition features (release variant's MIA)")  # fmt: skip
+                 help="the source's face-recognition features for a release folder's MIA (default: CurricularFace "
+                      "IR-101 of the source, as the release computes them)")  # fmt: skip
   p.add_argument("--vae", default=None, metavar="DIR", help="diffusers VAE folder (release folders ship none)")
   p.add_argument("--face-model", default=None, metavar="PATH",
                  help="the coefficients' morphable model: face_model.npz, BFM_model_front.mat (release)")  # fmt: skip

@@ -39,16 +39,19 @@ def load_animator(path: Path, options: Mapping[str, Any]) -> families.Animator:
   video = inference.model.config.video
   width = animate.model_coefficient_width(inference)
   res = inference.resolution
+  release = inference.model.config.mia.variant == "release"
 
   def run(source, source_row, driver, driver_rows, seed: int) -> np.ndarray:
     if source_row is None or driver_rows is None:
       raise ValueError("MIMAFace is driven by 3DMM rows: the evaluation data must hold coefficients")
     crop = detection.crop_and_resize(source, None, res)  # the centre square: it is already the aligned crop
+    # a release MIA's CurricularFace input, from the crop it animates (as `mimajax animate` computes it)
+    features = animate.release_face_features(inference, crop) if release else None
     motion = driving.fit_width(driving.blend(np.asarray(source_row)[None], driver_rows, "absolute"), width)
     f = inference.num_frames if video else min(animate.IMAGE_BATCH, len(motion))
     k = inference.ica_frames if video else 0
     latents, _ = animate.sample_latents(inference, crop, motion, sampler=sampler, clip_frames=f, ica_frames=k,
-                                        seed=seed, progress=False)  # fmt: skip
+                                        seed=seed, progress=False, face_features=features)  # fmt: skip
     return np.concatenate(list(animate.iter_frames(inference, latents, f)))
 
   data = getattr(inference.config, "data", None) if inference.config is not None else None

@@ -192,20 +192,32 @@ def load_backbone(path: str | os.PathLike) -> ir101.IRBackbone:
 class FaceFeatures:
   """The release's face feature of a frame: `features(frame) -> (1, 25088)` float32.
 
-  The weights are found when constructed (a missing file fails before any model work) and read on first use (a
-  user who passes a feature file never pays for them); the network's forward is compiled once.
+  From a weights file, or from a release folder (`for_release`), whose file is looked for on first use: loading a
+  release needs no IR weights when the caller brings the features itself (--face-features). The weights are read
+  once and the network's forward compiled once.
   """
 
-  def __init__(self, weights: str | os.PathLike, *, landmarker=None):
-    self.weights = Path(weights)
-    if not self.weights.is_file():
-      raise CheckpointReadError(f"{WEIGHTS_FILE}: {self.weights} is not a file")
+  def __init__(self, weights: str | os.PathLike | None = None, *, release_dir: str | os.PathLike | None = None,
+               landmarker=None):  # fmt: skip
+    if (weights is None) == (release_dir is None):
+      raise ValueError("FaceFeatures takes a weights file or a release folder (one of them)")
+    self._weights = None if weights is None else Path(weights)
+    self._release_dir = release_dir
     self._landmarker = landmarker
     self._forward = None
 
   @classmethod
   def for_release(cls, release_dir: str | os.PathLike, **kw) -> "FaceFeatures":
-    return cls(find_weights(release_dir), **kw)
+    return cls(release_dir=release_dir, **kw)
+
+  @property
+  def weights(self) -> Path:
+    """The IR weights file (a release folder's found now: CheckpointReadError naming where it was looked for)."""
+    if self._weights is None:
+      self._weights = find_weights(self._release_dir)
+    if not self._weights.is_file():
+      raise CheckpointReadError(f"{WEIGHTS_FILE}: {self._weights} is not a file")
+    return self._weights
 
   def deep_features(self, x: jax.Array) -> np.ndarray:
     """IR inputs (N, 112, 112, 3) in [-1, 1] -> (N, 25088) body features (NCHW flatten order)."""
@@ -217,5 +229,6 @@ class FaceFeatures:
 
   def __call__(self, frame: np.ndarray, points: Sequence | None = None) -> np.ndarray:
     """(1, 25088) of a square uint8 frame (the model's source crop); `points` (5, 2) skip the landmark detection."""
+    self.weights  # noqa: B018  (a missing file is reported before the landmarks run)
     points = detect_five_points(frame, self._landmarker) if points is None else np.asarray(points, np.float64)
     return self.deep_features(network_input(frame, points))

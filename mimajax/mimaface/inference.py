@@ -24,7 +24,7 @@ from mimajax.diffusion import schedulers
 from mimajax.errors import CheckpointReadError
 from mimajax.face3d.landmark_model import load_face_model
 from mimajax.face3d.synthetic import synthetic_model
-from mimajax.mimaface import export, ica, release_format
+from mimajax.mimaface import export, face_features, ica, release_format
 from mimajax.mimaface import factory as mimaface_factory
 from mimajax.mimaface.mia import build_mia
 from mimajax.mimaface.pretrained import FACE_MODEL_FILE, VAE_DIR
@@ -47,6 +47,7 @@ class Inference:
   num_frames: int  # clip length F
   ica_frames: int  # k: frames of the previous clip each clip conditions on
   sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)  # the sampler defaults it was saved with
+  face_features: Any = None  # release folders: FaceFeatures (source crop -> the MIA's 25088 CurricularFace values)
 
 
 def load_inference(path: str | os.PathLike, *, use_ema: bool = True, vae_dir: str | os.PathLike | None = None,
@@ -151,6 +152,7 @@ def _load_release(path: Path, vae_dir, face_model_path) -> Inference:
   frames = 16
   return Inference(
     model=release_format.load_release(path),
+    face_features=face_features.FaceFeatures.for_release(path),  # its IR weights are looked for on first use
     vae=_load_vae(vae_dir, None),
     face_model=load_face_model(face_model_path),
     schedule=schedulers.make_noise_schedule(),
