@@ -42,6 +42,8 @@ FACE_MODEL = "face_model.npz"
 SUMMARY = "motion_extraction.json"
 CACHE_SUFFIX = ".landmarks.npz"
 CACHE_VERSION = 2  # 2: keyed by the video's content too
+ESTIMATORS = ("mediapipe", "d3dfr")
+WARP_SUFFIX = ".d3dfr_warp.npy"  # beside a d3dfr clip's rows: its frame -> network-crop matrices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +221,13 @@ def extract_motion(
   options: ExtractOptions = ExtractOptions(),
   workers: int = 1,
   progress: bool = True,
+  estimator: str = "mediapipe",
+  d3dfr_weights: str | os.PathLike | None = None,
+  bfm: str | os.PathLike | None = None,
 ) -> dict:
   """Coefficients for every clip of input_dir without provided ones, and face_model.npz; returns a summary.
+
+  estimator="d3dfr": pass 2 is Deep3DFaceRecon's network instead of the landmark fit (`_write_d3dfr`).
 
   A clip counts as extracted (and is redone from its cache, so the PCA covers the whole dataset) when its landmark
   cache exists; clips with coefficients but no cache are provided ones and are left alone. Deterministic.
@@ -230,6 +237,12 @@ def extract_motion(
   from mimajax.faces.landmarks import check_available
 
   check_available()  # a clear error naming the install command before any work
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"estimator {estimator!r} unknown; expected one of {ESTIMATORS}")
+  if estimator == "d3dfr":  # unusable files are named before any work
+    for what, path in (("--d3dfr-weights", d3dfr_weights), ("--bfm", bfm)):
+      if not path or not Path(path).is_file():
+        raise FileNotFoundError(f"--estimator d3dfr needs {what} FILE; {path or 'none given'} is not a file")
 
   entries = clip_files.discover_videos(input_dir, coefficients_dir)
   if not entries:
@@ -272,7 +285,8 @@ def extract_motion(
       log.warning("no coefficients for %s: %s (gaps over max_gap=%d frames are not filled)",
                   entry.video_id, found, options.max_gap)  # fmt: skip
       continue
-    pca.add(motion_fit.fit_pose(landmarks)["shape"])
+    if estimator == "mediapipe":
+      pca.add(motion_fit.fit_pose(landmarks)["shape"])
     usable.append((entry, npy, landmarks, int(data["found"].sum())))
   summary = dict(videos=len(entries), provided=provided, extracted=len(usable), no_face=no_face,
                  options=dataclasses.asdict(options))  # fmt: skip
@@ -280,6 +294,8 @@ def extract_motion(
     why = f"{len(no_face)} without a usable face" if clips else "all have provided coefficients"
     log.warning("motion extraction: no clip to write under %s (%d clips: %s)", input_dir, len(entries), why)
     return dict(summary, components=0, frames=0, face_model=None)
+  if estimator == "d3dfr":
+    return _write_d3dfr(usable, summary, Path(coefficients_dir or input_dir), options, d3dfr_weights, bfm)
   mean, basis = pca.fit(options.components)
   frames = found = 0
   for _, npy, landmarks, n_found in usable:
@@ -296,6 +312,36 @@ def extract_motion(
   return summary
 
 
+def _write_d3dfr(usable, summary: dict, root: Path, options: ExtractOptions, weights, bfm) -> dict:
+  """Pass 2 with Deep3DFaceRecon's network (mimajax.faces.d3dfr_motion): each clip's crops again, its filled
+  landmarks' five points, the aligned crops through the ReconNet -> `<clip>.npy` (T, 261) release-style rows and
+  `<clip>.d3dfr_warp.npy` (T, 2, 3), the 512-frame -> network-crop matrices their renders are warped back with;
+  face_model.npz is the BFM the rows are in."""
+  from mimajax.face3d.morphable_model import load_bfm
+  from mimajax.faces.d3dfr_motion import D3DFRMotion
+
+  face_model = load_bfm(bfm)  # validated before the network runs
+  motion = D3DFRMotion(weights)
+  frames = found = 0
+  for entry, npy, landmarks, n_found in usable:
+    box = crop_box(entry.video_path, options)
+    crops = (detection.crop_and_resize(rgb, box, box[2] if box else min(rgb.shape[:2]))
+             for _, rgb in clip_files.read_frames(entry.video_path))  # fmt: skip
+    coeffs, matrices = motion(crops, landmarks)
+    for suffix, array in ((".npy", coeffs), (WARP_SUFFIX, matrices)):
+      out = npy if suffix == ".npy" else npy.with_name(npy.stem + suffix)
+      tmp = out.with_suffix(".tmp.npy")
+      np.save(tmp, array)
+      os.replace(tmp, out)
+    frames, found = frames + len(coeffs), found + n_found
+  save_face_model(face_model, root / FACE_MODEL)
+  summary.update(estimator="d3dfr", d3dfr_variant=motion.variant, d3dfr_weights=str(weights), bfm=str(bfm),
+                 components=0, frames=frames, frames_with_face=found, face_model=str(root / FACE_MODEL))  # fmt: skip
+  (root / SUMMARY).write_text(json.dumps(summary, indent=1))
+  log.info("motion extraction (d3dfr): %s", {k: v for k, v in summary.items() if k != "options"})
+  return summary
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -309,6 +355,11 @@ def add_arguments(p) -> None:
   p.add_argument("--face-margin", type=float, default=d.face_margin, help="must match prepare's --face-margin")
   p.add_argument("--max-gap", type=int, default=d.max_gap, help="longest run of faceless frames to interpolate")
   p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--estimator", default="mediapipe", choices=ESTIMATORS,
+                 help="mediapipe: the landmark fit; d3dfr: Deep3DFaceRecon's network (needs the next two)")  # fmt: skip
+  p.add_argument("--d3dfr-weights", default=None,
+                 help="epoch_20.pth (Deep3DFaceRecon) or the release's netG_epoch_25.pth")  # fmt: skip
+  p.add_argument("--bfm", default=None, help="BFM_model_front.mat: the morphable model of the d3dfr rows")
 
 
 def run(args) -> int:
@@ -316,7 +367,8 @@ def run(args) -> int:
   options = ExtractOptions(crop=args.crop, face_margin=args.face_margin, components=args.components,
                            max_gap=args.max_gap)  # fmt: skip
   s = extract_motion(args.input, args.coefficients, options=options, workers=args.workers,
-                     progress=not args.no_progress)  # fmt: skip
+                     progress=not args.no_progress, estimator=getattr(args, "estimator", "mediapipe"),
+                     d3dfr_weights=getattr(args, "d3dfr_weights", None), bfm=getattr(args, "bfm", None))  # fmt: skip
   print(f"extracted={s['extracted']} provided={s['provided']} no_face={len(s['no_face'])} frames={s['frames']} "
         f"components={s['components']} face_model={s['face_model']}")  # fmt: skip
   return 0

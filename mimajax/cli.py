@@ -32,8 +32,10 @@ PRETRAINED_EXPECTED = {
     "a CurricularFace IR-101 checkpoint (CurricularFace_Backbone.pth, as the official MIMAFace release ships it)"
   ),
   "face_features": "a CurricularFace IR-101 checkpoint (CurricularFace_Backbone.pth of the release's models/ArcFace/)",
+  "d3dfr": "a Deep3DFaceRecon checkpoint (epoch_20.pth) or the MIMAFace release's netG_epoch_25.pth",
 }
-PRETRAINED_FILES = ("inception", "ir101", "face_features")  # --pretrained is a file for these, a folder for the others
+# --pretrained is a file for these, a folder for the others
+PRETRAINED_FILES = ("inception", "ir101", "face_features", "d3dfr")
 DIFFUSERS = ("unet", "vae")  # read by diffusers' from_pretrained
 
 

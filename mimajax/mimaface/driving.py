@@ -108,23 +108,28 @@ def motion_from_landmarks(landmarks: np.ndarray, face_model) -> np.ndarray:
   return motion_fit.motion_coefficients(landmarks, mean, np.asarray(face_model.expression_basis, np.float64))
 
 
-def read_video_driver(path, *, max_frames: int | None = None, previews: bool = False) -> Driving:
-  """A driving video, streamed twice (Haar crop, then FaceMesh landmarks): memory does not grow with its pixels."""
+def read_video_driver(path, *, max_frames: int | None = None, previews: bool = False, estimator=None) -> Driving:
+  """A driving video, streamed twice (Haar crop, then FaceMesh landmarks): memory does not grow with its pixels.
+
+  `estimator`: None for rows from the landmarks later (`with_motion`), or a callable (crops, landmarks) -> rows
+  (T, 261) that computes them now from a third pass over the crops (mimajax.faces.d3dfr_motion.D3DFRMotion.rows).
+  """
   box = detection.video_face_box(video_io.iter_video(path, max_frames))
   if box is None:
     raise ValueError(f"no face found in the driving video {path}: the Haar detector saw none in its frames")
   kept = []
 
-  def crops():
+  def crops(keep: bool = previews):
     for frame in video_io.iter_video(path, max_frames):
       crop = detection.crop_and_resize(frame, box, box[2])  # at the crop's own size, as the pipeline: no detail lost
-      if previews:
+      if keep:
         kept.append(detection.crop_and_resize(crop, None, PREVIEW_SIZE))
       yield crop
 
   landmarks = crop_landmarks(crops(), box[2], f"the driving video {path}")
   _warn_if_partly_decoded(path, len(landmarks), max_frames)
-  return Driving(None, "video", landmarks=landmarks, previews=np.stack(kept) if previews else None,
+  coeffs = None if estimator is None else check_coefficients(estimator(crops(False), landmarks), str(path))
+  return Driving(coeffs, "video", landmarks=landmarks, previews=np.stack(kept) if previews else None,
                  fps=video_io.video_fps(path), source=str(path))  # fmt: skip
 
 

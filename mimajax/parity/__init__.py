@@ -13,6 +13,7 @@ the check functions.
   image_metrics     ssim (PSNR and SSIM vs scikit-image) and lpips (vs the `lpips` package, same weights)
   fid               inception (the FID Inception-v3 vs its TorchScript file) and fid (vs pytorch-fid's distance)
   identity          ir101 (CurricularFace IR-101 vs a PyTorch IR-101 with the release's names)
+  d3dfr             Deep3DFaceRecon's ReconNet (ResNet-50 + final layers, the release's gaze layer) vs PyTorch
   face_features     face_features (the release MIA's 25088-d input: alignment, warp, crop, IR-101; uses identity's twin)
 
 The metric checks compare against their own bound (TOLERANCES), not the models' PARITY_TOLERANCE.
@@ -52,6 +53,7 @@ lpips_parity = _lazy("image_metrics", "lpips_parity")
 inception_parity = _lazy("fid", "inception_parity")
 fid_parity = _lazy("fid", "fid_parity")
 ir101_parity = _lazy("identity", "ir101_parity")
+d3dfr_parity = _lazy("d3dfr", "d3dfr_parity")
 face_features_parity = _lazy("face_features", "face_features_parity")
 
 COMPONENTS = {
@@ -67,9 +69,11 @@ COMPONENTS = {
   "fid": fid_parity,
   "ir101": ir101_parity,
   "face_features": face_features_parity,
+  "d3dfr": d3dfr_parity,
 }
 # Bounds on rel_err per component (the metrics' references are exact algorithms, so most are tighter).
 TOLERANCES = {"ssim": 1e-5, "lpips": 1e-4, "inception": 1e-4, "fid": 1e-6, "ir101": 1e-4, "face_features": 1e-4}
+TOLERANCES["d3dfr"] = 1e-4
 
 __all__ = [
   "COMPONENTS",
