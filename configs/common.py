@@ -129,6 +129,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       attention_impl="blockwise" if size == "tiny" else "xla",
       dtype="float32",  # compute dtype; parameters are always fp32
       pretrained="",  # local diffusers pipeline folder (unet/, vae/) to start from
+      vae_from="",  # a VAE-stage workdir (its vae/) or a diffusers VAE folder: the frozen VAE of stage 1
     )
   )
 
@@ -225,6 +226,32 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.unet_axis_rules = UNET_AXIS_RULES
   config.vae_axis_rules = VAE_AXIS_RULES
   config.clip_axis_rules = CLIP_AXIS_RULES
+  return config
+
+
+def vae_stage_config(size: str) -> ml_collections.ConfigDict:
+  """The VAE stage (mimajax/mimaface/vae_stage.py): the autoencoder stages 1 and 2 freeze, trained on single
+  frames with LDM's objective; its fields are the MIMAFace config's, plus config.vae_stage (the loss)."""
+  config = base_config(size, name=f"{size}_vae", stage="vae")
+  config.data.update(num_frames=1)
+  config.data.exclude_identities = ()  # held out: never loaded, so the PSNR of `vae_stage --eval` is on unseen faces
+  config.train.update(trainable=(), learning_rate=1e-4, memory_bank_size=0)  # (): every VAE parameter trains
+  config.sample.update(every_steps=500, count=4)  # every sample also exports the workdir's vae/
+  config.vae_stage = ml_collections.ConfigDict(
+    dict(
+      mse_weight=0.0,  # + MSE beside L1 (PSNR-friendlier, blurrier)
+      perceptual_weight=1.0,  # LPIPS, as LDM's autoencoders
+      lpips_net="alex",
+      kl_weight=1e-6,  # LDM's, on the KL sum against pixel-summed reconstruction terms
+      sample_posterior=True,  # decode a posterior sample in training (the mean when False)
+      disc_weight=0.0,  # patch-discriminator term; 0: no discriminator group at all
+      disc_start=50_001,  # steps before the discriminator's losses count (LDM: 50001)
+      disc_loss="hinge",  # "hinge" | "lsgan"
+      disc_learning_rate=1e-4,
+      disc_channels=64,
+      disc_layers=3,
+    )
+  )
   return config
 
 

@@ -70,6 +70,9 @@ class LoaderConfig:
   drop_remainder: bool = True
   float_frames: bool = False  # float32 in [0, 1] instead of uint8 (4x the bytes between processes)
   coefficient_dim: int | None = None  # 257 drops the release's gaze columns; None keeps what is stored
+  # Speakers (manifest identity names) whose records are left out, e.g. frames a stage must never see so they can be
+  # held out for its evaluation; each record's header is read once when the dataset is built.
+  exclude_identities: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.num_frames < 1 or self.stride < 1 or self.batch_size < 1:
@@ -122,7 +125,8 @@ def find_shards(data: str | os.PathLike | Sequence[str]) -> tuple[list[str], lis
 class RecordSource(grain.sources.RandomAccessDataSource):
   """(record index, record bytes) of the records with at least min_frames frames (when counts are known)."""
 
-  def __init__(self, paths: Sequence[str], record_frames: Sequence[Sequence[int]] | None = None, min_frames: int = 1):
+  def __init__(self, paths: Sequence[str], record_frames: Sequence[Sequence[int]] | None = None, min_frames: int = 1,
+               exclude_identities: Sequence[str] = ()):  # fmt: skip
     self._source = grain.sources.ArrayRecordDataSource(list(paths))
     if record_frames is None:
       self._index = np.arange(len(self._source), dtype=np.int64)
@@ -131,6 +135,10 @@ class RecordSource(grain.sources.RandomAccessDataSource):
       if len(frames) != len(self._source):
         raise ValueError(f"shard stats list {len(frames)} records but the shards hold {len(self._source)}")
       self._index = np.nonzero(frames >= min_frames)[0]
+    if exclude_identities:
+      leave = set(exclude_identities)
+      speaker = lambda i: records.decode_record(self._source[int(i)], copy_frames=False).speaker
+      self._index = np.array([i for i in self._index if speaker(i) not in leave], np.int64)
 
   def __len__(self) -> int:
     return len(self._index)
@@ -229,9 +237,11 @@ def dataset(data, config: LoaderConfig = LoaderConfig(), *, process_index: int |
   process_index, process_count = _host(process_index, process_count)
   if isinstance(data, (str, os.PathLike, list, tuple)):
     paths, counts = find_shards(data)
-    source = RecordSource(paths, counts, config.min_record_frames)
+    source = RecordSource(paths, counts, config.min_record_frames, config.exclude_identities)
     ds = grain.MapDataset.source(source)
   else:  # a random-access source of TFDS examples (see voxceleb2_mima.py)
+    if config.exclude_identities:
+      raise ValueError("exclude_identities needs prepared shards (a folder or shard list), not a TFDS source")
     ds = grain.MapDataset.source(data).map_with_index(_tfds_record)
   ds = ds[process_index::process_count]
   if len(ds) == 0:

@@ -17,7 +17,7 @@ from flax import nnx
 from data_pipeline import loader
 from mimajax import families
 from mimajax.diffusion import schedulers
-from mimajax.mimaface import animate, conditioning, evaluation, export_command, pretrained
+from mimajax.mimaface import animate, conditioning, evaluation, export_command, pretrained, vae_stage
 from mimajax.mimaface.inference import GROUP
 from mimajax.mimaface.memory_bank import enqueue, init_memory_bank
 from mimajax.mimaface.model import training_loss
@@ -29,8 +29,12 @@ BATCH_KEYS = ("frames", "source_frame", "motion", "identity")
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first inconsistent field."""
+  if config.stage == vae_stage.STAGE:
+    return vae_stage.check_config(config)
   if config.stage not in (1, 2):
-    raise ValueError(f"config.stage must be 1 (images) or 2 (clips); got {config.stage}")
+    raise ValueError(f"config.stage must be 1 (images), 2 (clips) or 'vae' (the autoencoder); got {config.stage}")
+  if config.model.get("vae_from") and config.model.pretrained:
+    raise ValueError("config.model.vae_from and config.model.pretrained both name a VAE; keep one")
   if config.stage == 1 and config.data.num_frames != 1:
     raise ValueError(f"stage 1 trains on images: config.data.num_frames must be 1, got {config.data.num_frames}")
   if config.stage == 2 and config.data.num_frames < 2:
@@ -65,6 +69,9 @@ RESUME_FIELDS = (
 
 def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the RESUME_FIELDS in which `config` differs from the workdir's recorded config."""
+  if config.stage == vae_stage.STAGE or saved.get("stage") == vae_stage.STAGE:
+    families.compare_fields(saved, config, ("stage",))
+    return vae_stage.check_resume(saved, config)
   families.compare_fields(saved, config, RESUME_FIELDS)
 
 
@@ -98,8 +105,10 @@ def update_memory_bank(bank, aux, batch):
 
 
 def build_task(config: ml_collections.ConfigDict, workdir: Path) -> families.Task:
+  if config.stage == vae_stage.STAGE:
+    return vae_stage.build_task(config, workdir)
   face_model = pretrained.face_model(config, workdir)
-  model, vae = pretrained.build_models(config)
+  model, vae = pretrained.build_models(config, workdir)
   pretrained.keep_vae(vae, config, workdir)
   t = config.train
   bank = None

@@ -67,6 +67,9 @@ def load_inference(path: str | os.PathLike, *, use_ema: bool = True, vae_dir: st
     return _load_export(path, face_model_path, dtype=dtype, attention_impl=attention_impl)
   workdir = checkpointing.step_folder(path).parent.parent
   config = checkpointing.read_config(workdir)
+  if config.get("stage") == "vae":  # its checkpoints hold only an autoencoder
+    raise CheckpointReadError(f"{workdir} is a VAE-stage run; animate a stage-1/2 run trained with "
+                              f"--config.model.vae_from={workdir}")  # fmt: skip
   abstract = nnx.eval_shape(lambda: mimaface_factory.build_mimaface(config.model, stage=config.stage, rngs=nnx.Rngs(0),
                                                                    **config.model.objective.to_dict()))  # fmt: skip
   # a workdir: its newest step whose parameters are intact (a damaged newer one is named in a warning)

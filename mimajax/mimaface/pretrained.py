@@ -28,7 +28,7 @@ from mimajax.face3d.landmark_model import load_face_model, save_face_model
 from mimajax.face3d.morphable_model import MorphableModel
 from mimajax.face3d.synthetic import synthetic_model
 from mimajax.mimaface import factory as mimaface_factory
-from mimajax.mimaface import ica
+from mimajax.mimaface import ica, vae_stage
 from mimajax.mimaface.model import MIMAFace
 from mimajax.models import factory, remat
 from mimajax.models.unet_motion import MOTION_PARAMS
@@ -42,16 +42,23 @@ VAE_DIR = "vae"
 FACE_MODEL_FILE = "face_model.npz"
 
 
-def build_models(config: ml_collections.ConfigDict) -> tuple[MIMAFace, AutoencoderKL]:
-  """The trainable MIMAFace of config.stage and the frozen VAE, with any configured pretrained weights."""
+def build_models(config: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None
+                 ) -> tuple[MIMAFace, AutoencoderKL]:  # fmt: skip
+  """The trainable MIMAFace of config.stage and the frozen VAE, with any configured pretrained weights.
+
+  The VAE, first that applies: SD's (config.model.pretrained); a resumed run's own workdir/vae/ (what it trained
+  with, whatever config.model.vae_from holds by now); the earlier stage's (config.train.init_from: stage 2 must see
+  stage 1's latent space); a trained VAE-stage run's (config.model.vae_from); a random one.
+  """
   m = config.model
   rngs = nnx.Rngs(config.seed)
   model = mimaface_factory.build_mimaface(m, stage=config.stage, rngs=rngs, **m.objective.to_dict())
   if m.pretrained:
     vae = _load_sd(model, m)
   else:
-    vae = _stage1_vae(config) or factory.build_vae(m, rngs=nnx.Rngs(config.seed + 1))  # its own stream: the
-    # same random VAE for a seed whatever else is built (stage 2 must see stage 1's latent space)
+    vae = _resumed_vae(config, workdir) or _stage1_vae(config) or _trained_vae(config)
+    vae = vae or factory.build_vae(m, rngs=nnx.Rngs(config.seed + 1))  # its own stream: the same random VAE
+    # for a seed whatever else is built
   if m.clip_pretrained:
     clip = clip_format.load_clip_vision(m.clip_pretrained, dtype=factory.compute_dtype(m.dtype),
                                         attention_impl=m.attention_impl)  # fmt: skip
@@ -74,14 +81,36 @@ def _stage1_vae(config: ml_collections.ConfigDict) -> AutoencoderKL | None:
   return diffusers_format.load_vae(folder, dtype=factory.compute_dtype(m.dtype), attention_impl=m.attention_impl)
 
 
-def keep_vae(vae: AutoencoderKL, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-  """A VAE not read from a pretrained folder (random, e.g. tiny) is saved as workdir/vae/ for inference."""
-  from mimajax.convert import diffusers_format
+def _resumed_vae(config: ml_collections.ConfigDict, workdir) -> AutoencoderKL | None:
+  """A workdir with checkpoints continues with the VAE it kept (keep_vae), not whatever its sources hold now."""
+  if workdir is None or not checkpointing.saved_steps(workdir) or not (Path(workdir) / VAE_DIR).is_dir():
+    return None
+  m = config.model
+  log.info("VAE: %s (the one this run trained with)", Path(workdir) / VAE_DIR)
+  return diffusers_format.load_vae(Path(workdir) / VAE_DIR, dtype=factory.compute_dtype(m.dtype),
+                                   attention_impl=m.attention_impl)  # fmt: skip
 
+
+def _trained_vae(config: ml_collections.ConfigDict) -> AutoencoderKL | None:
+  """The VAE of a VAE-stage run or a diffusers VAE folder (config.model.vae_from), when one is named."""
+  source = config.model.get("vae_from")
+  if not source:
+    return None
+  vae = vae_stage.load_vae(source, config.model)
+  log.info("VAE: %s (scaling_factor %.4f)", vae_stage.vae_folder(source), vae.config.scaling_factor)
+  return vae
+
+
+def keep_vae(vae: AutoencoderKL, config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """A VAE not read from a pretrained folder (random, trained by the VAE stage, an earlier stage's) is saved as
+  workdir/vae/: inference, the next stage and a resumed run read it there. Once the workdir has checkpoints it is
+  the record of what the run trained with and is never replaced; before that (a failed start) it is."""
   folder = Path(workdir) / VAE_DIR
-  if config.model.pretrained or folder.exists() or jax.process_index() != 0:
+  if config.model.pretrained or jax.process_index() != 0:
     return
-  diffusers_format.save_vae(vae, folder)
+  if folder.exists() and checkpointing.saved_steps(workdir):
+    return
+  diffusers_format.save_vae(vae, folder, overwrite=True)
 
 
 def _load_sd(model: MIMAFace, m: ml_collections.ConfigDict) -> AutoencoderKL:
