@@ -74,7 +74,7 @@ def test_weights_are_found_where_the_release_keeps_them_or_named_when_missing(tm
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-  """A tiny release folder whose MIA takes CurricularFace's 25088 values, with a 2-unit... IR file next to mim.pth,
+  """A tiny release folder whose MIA takes CurricularFace's 25088 values, a one-unit-per-stage IR file next to mim.pth,
   a VAE with the 8x downsampling of SD's (so 512-px frames are 64-px latents) and the landmark face model."""
   from diffusers import AutoencoderKL
   from test_release_import import write_release
@@ -83,8 +83,8 @@ def release(tmp_path_factory):
   from mimajax.face3d.landmark_model import landmark_face_model, save_face_model
 
   root = tmp_path_factory.mktemp("release")
-  mia = MIAConfig(variant="release", clip_dim=32, cross_attention_dim=32, face_recognition_dim=face_features.FEATURE_DIM,
-                  clip_tokens=17, release_layers=1)  # fmt: skip
+  mia = MIAConfig(variant="release", clip_dim=32, cross_attention_dim=32, clip_tokens=17, release_layers=1,
+                  face_recognition_dim=face_features.FEATURE_DIM)  # fmt: skip
   write_release(root, mia)
   _ir_file(root / ir101.WEIGHTS_FILE)
   extra = tmp_path_factory.mktemp("extra")
@@ -100,8 +100,10 @@ def _animate(checkpoint, extra, out):
   from data_pipeline import demo_data
   from mimajax import cli
 
+  # 2 frames, one clip, one step, no guidance: a release folder animates at 512 px, the costly part on a CPU
   return cli.main(["animate", "--checkpoint", str(checkpoint), "--source", str(demo_data.portrait_path("astronaut")),
-                   "--driving", str(demo_data.carphone_clip()), "--frames", "4", "--clip-frames", "4", "--steps", "1",
+                   "--driving", str(demo_data.carphone_clip()), "--frames", "2", "--clip-frames", "2",
+                   "--ica-frames", "0", "--steps", "1", "--guidance", "1",
                    "--vae", str(extra / "vae"), "--face-model", str(extra / "face_model.npz"), "--out", str(out),
                    "--no-progress"])  # fmt: skip
 
@@ -113,11 +115,12 @@ def test_animate_a_release_folder_computes_the_face_features(release, tmp_path, 
   root, extra = release
   seen = []
   deep = face_features.FaceFeatures.deep_features
-  monkeypatch.setattr(face_features.FaceFeatures, "deep_features", lambda self, x: seen.append(deep(self, x)) or seen[-1])
+  record = lambda self, x: seen.append(deep(self, x)) or seen[-1]
+  monkeypatch.setattr(face_features.FaceFeatures, "deep_features", record)
   out = tmp_path / "out.mp4"
   assert _animate(root, extra, out) == 0, capsys.readouterr().err
   frames = video_io.read_video(out)[0]
-  assert frames.shape == (4, 512, 512, 3)
+  assert frames.shape == (2, 512, 512, 3)
   assert len(seen) == 1 and seen[0].shape == (1, face_features.FEATURE_DIM) and np.isfinite(seen[0]).all()
   assert np.abs(seen[0]).max() > 0
 

@@ -29,7 +29,8 @@ from flax import nnx
 from mimajax import cli_errors, video_io
 from mimajax.face3d.coefficient_files import check_coefficients, read_coefficients
 from mimajax.faces import detection
-from mimajax.mimaface import conditioning, driving, ica
+from mimajax.mimaface import conditioning, driving, ica, release_format
+from mimajax.mimaface.face_features import find_weights as find_face_recognition_weights
 from mimajax.mimaface.inference import load_inference
 from mimajax.mimaface.sampling import SCHEDULERS, ClipSampler, SamplerConfig
 
@@ -394,6 +395,9 @@ def run(args) -> int:
       if args.frames and len(drv) < args.frames:
         raise ValueError(f"--frames {args.frames}: the driver {args.driving} has only {len(drv)} frames")
     features = _face_features(args.face_features)
+    release = any(Path(args.checkpoint, f).is_file() for f in (release_format.MIA_FILE, release_format.UNET3D_FILE))
+    if features is None and release:
+      find_face_recognition_weights(args.checkpoint)  # a release MIA's features need its IR-101 file: say so now
     inference = _load_inference(args)
     source_coeffs = source_coefficients(image, inference.resolution, box=box, path=args.source_coefficients,
                                         face_model=inference.face_model)  # fmt: skip
