@@ -147,14 +147,19 @@ def data_config(stage: int) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
     dict(
       path="data/demo",  # a `mimajax prepare` output folder (manifest.json + shards)
-      num_frames=1 if stage == 1 else 16,  # F; 1 = image mode (stage 1)
+      num_frames=1 if stage == 1 else 12,  # F; 1 = image mode (stage 1); 12-frame clips: the paper (sec. 4.1)
       stride=1,
       resolution=512,  # frames are decoded (and rendered) at this size; latents are 1/8
       batch_size=32,  # global; each host loads batch_size / process_count
       flip=True,
       read_threads=4,
       workers=0,  # Grain worker processes per host
-      coefficient_dim=257,  # 257: drop the release's gaze columns; 261 keeps them (release MIA)
+      # 261: pose, expression and gaze, the paper's motion [rho; beta; g] (and the release's MIA input); 257 drops
+      # gaze (data with Deep3DFaceRecon's 257 columns only)
+      coefficient_dim=261,
+      # The release trains on blended rows: the source frame's identity, texture and lighting with the target
+      # frame's expression, pose and gaze (train_video.py's coeffBlendSrcRef); the paper: the target's own rows.
+      blend_source=False,
       face_model="",  # "": <path>/face_model.npz when present, else the synthetic model; or a BFM .mat / .npz
       render_shading="sh",
     )
@@ -196,11 +201,14 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   # MIMAFaceConfig's objective fields (mimajax/mimaface/model.py).
   config.model.objective = ml_collections.ConfigDict(
     dict(
-      cfg_dropout=0.1,
-      identity_loss_weight=0.1,  # lambda of L_id; the paper does not give it
+      cfg_dropout=0.1,  # the paper (10% appearance-condition dropout) and the release
+      cfg_dropout_scope="sample",  # "sample": each sample on its own (ours); "batch": the whole batch (the release)
+      identity_loss_weight=0.1,  # lambda of L_id; the paper does not give it (our choice)
       identity_temperature=1.0,
       ica_sigma=0.1,
-      ica_max_frames=ml_collections.config_dict.placeholder(int),  # None: F // 4
+      ica_max_frames=ml_collections.config_dict.placeholder(int),  # None: F // 4 (paper eq. 3: k ~ U{0..F/4})
+      ica_schedule="paper",  # "paper": k ~ U{0..F/4} per sample; "release": k = 0 half the steps, else U{1..4}
+      clean_condition_prob=0.0,  # stage 1: how often the ICA channels carry the clean target (the release: 0.01)
       min_snr_gamma=ml_collections.config_dict.placeholder(float),  # None: plain MSE; the release uses 5.0
     )
   )
@@ -213,7 +221,9 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
   config.log = ml_collections.ConfigDict(dict(every_steps=50, progress_bar=True))
   config.sample = ml_collections.ConfigDict(
-    dict(every_steps=5000, count=2, num_inference_steps=25, guidance_scale=3.5, scheduler="ddim")
+    # our sampler (the paper states none); configs/release.py sets the release's
+    dict(every_steps=5000, count=2, num_inference_steps=25, guidance_scale=3.5, scheduler="ddim",
+         timestep_spacing="leading")  # fmt: skip
   )
   # Evaluation during training (mimajax.evaluation.during_training): every N steps (0: off), the first `pairs` pairs
   # of each protocol of `data` (default config.data.path), `frames` driving frames each, into TensorBoard.

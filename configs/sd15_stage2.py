@@ -17,7 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """arg: "release" for the release variant (which also tunes MIA and CLIP's last two layers)."""
   variant = arg or "paper"
   config = common.sd15_training_config(2, variant)
-  config.data.update(num_frames=16, stride=1, batch_size=16)
+  config.data.update(num_frames=12, stride=1, batch_size=8)  # the paper (sec. 4.1): 12-frame clips, batch 8
   config.total_steps = 30_000
   config.checkpoint.update(every_steps=500, keep=3)
   config.log.update(every_steps=25)

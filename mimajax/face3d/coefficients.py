@@ -29,6 +29,9 @@ COEFFICIENT_SLICES = {
   "translation": (254, 257),
   "gaze": (257, 261),
 }
+# What a driving row contributes when it animates a source (the rest, identity, texture and lighting, is the
+# source's): `mimajax animate`'s blend and the release's source-blended training rows.
+MOTION_GROUPS = ("expression", "angle", "translation", "gaze")
 COEFFICIENT_WIDTHS = (257, 261)  # Deep3DFaceRecon; the MIMAFace release with gaze
 BASE_WIDTH = 257
 GROUP_WIDTHS = {name: b - a for name, (a, b) in COEFFICIENT_SLICES.items()}

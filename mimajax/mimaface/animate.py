@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from mimajax import cli_errors, video_io
+from mimajax.diffusion import schedulers
 from mimajax.face3d.coefficient_files import check_coefficients, read_coefficients
 from mimajax.faces import detection
 from mimajax.mimaface import conditioning, driving, ica, release_format
@@ -315,7 +316,6 @@ def write_outputs(out, inference, result: Animation, fps: float, *, side_by_side
 
 
 def add_arguments(p) -> None:
-  d = SamplerConfig()
   p.add_argument("--checkpoint", required=True, help="training workdir, checkpoint step folder or release folder")
   p.add_argument("--source", required=True, help="portrait image (PNG/JPEG) with a visible face")
   p.add_argument("--driving", help="video, or coefficients .npy / .mat (Deep3DFaceRecon, SadTalker's coeff_3dmm)")
@@ -328,9 +328,14 @@ def add_arguments(p) -> None:
                  help=f"video length (default: the whole driver; {DEFAULT_EDIT_FRAMES} for edits)")  # fmt: skip
   p.add_argument("--relative", action="store_true", help="source motion + the driver's change since its first frame")
   p.add_argument("--side-by-side", default=None, metavar="PATH", help="also write source | driver | render | output")
-  p.add_argument("--scheduler", default=d.scheduler, choices=list(SCHEDULERS))
-  p.add_argument("--steps", type=int, default=d.num_inference_steps)
-  p.add_argument("--guidance", type=float, default=d.guidance_scale, help="classifier-free guidance; 1 = none")
+  # Sampler flags default to the checkpoint's own sampler (Inference.sampler: its training config's `sample`, an
+  # export's saved settings, the release's Euler / 25 / 5.0 / linspace for release folders).
+  p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="default: the checkpoint's")
+  p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
+  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance; 1 = none (default: the "
+                 "checkpoint's)")  # fmt: skip
+  p.add_argument("--timestep-spacing", default=None, choices=list(schedulers.TIMESTEP_SPACINGS),
+                 help="how the sampler's timesteps spread over the schedule (default: the checkpoint's)")  # fmt: skip
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--source-coefficients", default=None, metavar="FILE[:FRAME]",
                  help="the source's own 3DMM coefficients (default: from its FaceMesh landmarks)")  # fmt: skip
@@ -363,6 +368,13 @@ def _check_args(args) -> None:
   if args.fps is not None and not args.fps > 0:
     raise ValueError(f"--fps must be > 0; got {args.fps}")
   driving.parse_edits(args.edit)  # a typo fails now, not after the checkpoint loads
+
+
+def sampler_from_args(default: SamplerConfig, args) -> SamplerConfig:
+  """The checkpoint's sampler with the flags the user gave (None: not given) in its place."""
+  given = {"scheduler": args.scheduler, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+           "timestep_spacing": args.timestep_spacing}  # fmt: skip
+  return dataclasses.replace(default, **{k: v for k, v in given.items() if v is not None})
 
 
 def _load_inference(args):
@@ -407,7 +419,7 @@ def run(args) -> int:
       edits = ()
     else:
       rows, edits = driving.with_motion(drv, inference.face_model).coeffs, args.edit
-    config = SamplerConfig(scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance)
+    config = sampler_from_args(inference.sampler, args)
     result = generate_animation(inference, image, rows, sampler_config=config, clip_frames=args.clip_frames,
                                 ica_frames=args.ica_frames, seed=args.seed, progress=not args.no_progress,
                                 mode="relative" if args.relative else "absolute", edits=edits,

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from mimajax.face3d.coefficients import COEFFICIENT_SLICES, MOTION_GROUPS
 from mimajax.face3d.morphable_model import MorphableModel
 from mimajax.face3d.render import render_coefficients
 from mimajax.models.vae import AutoencoderKL
@@ -78,6 +79,18 @@ def clip_source(source: jax.Array, size: int) -> jax.Array:
   return jnp.clip(images, 0.0, 1.0)
 
 
+def blend_with_source(source: jax.Array, rows: jax.Array) -> jax.Array:
+  """Source rows (B, W) and target rows (B, W) or (B, F, W) -> the targets' expression, pose and gaze on the
+  sources' identity, texture and lighting (jittable; the in-step twin of mimaface.driving.blend's "absolute")."""
+  src = source[:, None] if rows.ndim == 3 else source
+  out = jnp.broadcast_to(src, rows.shape)
+  for name in MOTION_GROUPS:
+    lo, hi = COEFFICIENT_SLICES[name]
+    if hi <= rows.shape[-1]:
+      out = out.at[..., lo:hi].set(rows[..., lo:hi])
+  return out
+
+
 def model_batch(
   vae: AutoencoderKL,
   face_model: MorphableModel,
@@ -86,8 +99,13 @@ def model_batch(
   clip_size: int,
   coefficient_dim: int | None = None,
   shading: str = "sh",
+  blend_source: bool = False,
 ) -> dict[str, jax.Array]:
   """A loader batch (frames, source_frame, motion, identity[, latents, render_latents]) -> a MIMAFace batch.
+
+  blend_source (the release's training): the rows MIA reads and the renderer draws are the source frame's identity,
+  texture and lighting with each target frame's expression, pose and gaze (`blend_with_source`; needs the batch's
+  `source_motion`), as `mimajax animate` blends a driver into a portrait.
 
   Precomputed `latents` / `render_latents` in the loader batch are used as they are; otherwise frames
   and coefficients are encoded here, inside the step (the VAE and the renderer are frozen: no gradients).
@@ -98,6 +116,10 @@ def model_batch(
   if missing:
     raise ValueError(f"the training batch lacks {missing}; it has {sorted(batch)}")
   motion = jnp.asarray(batch["motion"], jnp.float32)
+  if blend_source:
+    if "source_motion" not in batch:
+      raise ValueError(f"blend_source needs the batch's source_motion; it has {sorted(batch)}")
+    motion = blend_with_source(jnp.asarray(batch["source_motion"], jnp.float32), motion)
   if coefficient_dim is not None:
     motion = motion[..., :coefficient_dim]
   if "latents" in batch:
@@ -108,7 +130,7 @@ def model_batch(
     renders = batch["render_latents"]
   else:
     resolution = latents.shape[-2] * vae_scale(vae)
-    renders = render_latents(vae, face_model, batch["motion"], resolution, shading)
+    renders = render_latents(vae, face_model, motion if blend_source else batch["motion"], resolution, shading)
   out = dict(
     source=clip_source(batch["source_frame"], clip_size),
     motion=motion,

@@ -40,12 +40,11 @@ import numpy as np
 
 from mimajax import video_io
 from mimajax.face3d.coefficient_files import check_coefficients, read_coefficients
-from mimajax.face3d.coefficients import COEFFICIENT_SLICES, COEFFICIENT_WIDTHS
+from mimajax.face3d.coefficients import COEFFICIENT_SLICES, COEFFICIENT_WIDTHS, MOTION_GROUPS
 from mimajax.face3d.landmark_model import NUM_LANDMARKS
 from mimajax.faces import detection, motion_fit
 
 PREVIEW_SIZE = 256  # side of the driving video's face crops kept for the side-by-side view
-MOTION_GROUPS = ("expression", "angle", "translation", "gaze")  # what a driver contributes; the rest is the source's
 BLEND_MODES = ("absolute", "relative")
 ANGLE_INDEX = {"pitch": 0, "yaw": 1, "roll": 2}
 TRANSLATION_INDEX = {"tx": 0, "ty": 1, "tz": 2}

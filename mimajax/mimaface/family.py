@@ -15,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from data_pipeline import loader
-from mimajax import families
+from mimajax import families, train_step
 from mimajax.diffusion import schedulers
 from mimajax.mimaface import animate, conditioning, evaluation, export_command, pretrained, vae_stage
 from mimajax.mimaface.inference import GROUP
@@ -24,7 +24,7 @@ from mimajax.mimaface.model import training_loss
 from mimajax.mimaface.samples import SampleWriter
 
 # What the step needs from a loader batch (the rest stays on the host).
-BATCH_KEYS = ("frames", "source_frame", "motion", "identity")
+BATCH_KEYS = ("frames", "source_frame", "motion", "source_motion", "identity")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -104,6 +104,13 @@ def update_memory_bank(bank, aux, batch):
   return enqueue(bank, aux[GROUP]["e_id"], batch["identity"])  # the global batch: every replica enqueues the same
 
 
+def identity_loss_trains(model, trainable: tuple[str, ...]) -> bool:
+  """Whether any CLIP or MIA parameter trains under the trainable patterns (the optimizer's own matching)."""
+  params = nnx.state(model, nnx.Param)
+  frozen = train_step.untrained_paths(params, families.OptimizerConfig(trainable=trainable))
+  return any(path[0] in ("clip", "mia") and path not in frozen for path, _ in nnx.to_flat_state(params))
+
+
 def build_task(config: ml_collections.ConfigDict, workdir: Path) -> families.Task:
   if config.stage == vae_stage.STAGE:
     return vae_stage.build_task(config, workdir)
@@ -121,11 +128,14 @@ def build_task(config: ml_collections.ConfigDict, workdir: Path) -> families.Tas
   def prepare(frozen, batch):
     vae_model = nnx.merge(vae_graphdef, frozen["vae"])
     return conditioning.model_batch(vae_model, frozen["face_model"], batch, clip_size=clip_size,
-                                    coefficient_dim=config.data.coefficient_dim,
-                                    shading=config.data.render_shading)  # fmt: skip
+                                    coefficient_dim=config.data.coefficient_dim, shading=config.data.render_shading,
+                                    blend_source=bool(config.data.get("blend_source")))  # fmt: skip
+
+  # L_id trains CLIP and MIA through e_id; when none of their parameters train (stage 2 of the paper) it is skipped.
+  identity = identity_loss_trains(model, tuple(t.trainable))
 
   def loss(modules, batch, rng, bank):
-    return training_loss(modules[GROUP], batch, rng, schedule, bank)
+    return training_loss(modules[GROUP], batch, rng, schedule, bank, identity_loss=identity)
 
   def init_params(params):
     return {**params, GROUP: pretrained.init_params_from(t.init_from, params[GROUP], GROUP)}

@@ -28,23 +28,42 @@ def unet_input(noisy: jax.Array, render: jax.Array, cond_latents: jax.Array, mas
   return jnp.concatenate([noisy, render, cond_latents, mask.astype(noisy.dtype)], axis=-1)
 
 
+ICA_SCHEDULES = ("paper", "release")
+RELEASE_MAX_FRAMES = 4  # train_video.py: prev_frame_num = random.randint(1, 4)
+
+
 def ica_training_condition(
-  rng: jax.Array, latents: jax.Array, *, sigma: float = 0.1, max_frames: int | None = None
+  rng: jax.Array, latents: jax.Array, *, sigma: float = 0.1, max_frames: int | None = None, schedule: str = "paper"
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Paper eq. 3-4: for clips (B, F, h, w, 4), k ~ U{0..F/4} leading frames carry s_gt + N(0, sigma^2).
 
   Returns (conditioning latents, mask (B, F, h, w, 1), k (B,)). The noise bridges the gap between
-  clean ground-truth latents in training and generated ones at inference.
+  clean ground-truth latents in training and generated ones at inference. schedule="release": one k for the whole
+  batch, 0 with probability 1/2, else U{1..4} (capped at F - 1), as train_video.py draws it.
   """
+  if schedule not in ICA_SCHEDULES:
+    raise ValueError(f"ICA schedule {schedule!r}; expected one of {ICA_SCHEDULES}")
   if latents.ndim != 5:
     raise ValueError(f"ICA expects clip latents (B, F, h, w, C); got shape {latents.shape}")
   b, f = latents.shape[:2]
   max_k = f // 4 if max_frames is None else max_frames
   k_rng, noise_rng = jax.random.split(rng)
-  k = jax.random.randint(k_rng, (b,), 0, max_k + 1)
+  if schedule == "release":
+    half, pick = jax.random.split(k_rng)
+    some = jax.random.randint(pick, (), 1, min(RELEASE_MAX_FRAMES, f - 1) + 1)
+    k = jnp.broadcast_to(jnp.where(jax.random.bernoulli(half, 0.5), some, 0), (b,))
+  else:
+    k = jax.random.randint(k_rng, (b,), 0, max_k + 1)
   keep = (jnp.arange(f)[None, :] < k[:, None]).astype(latents.dtype)[:, :, None, None, None]
   noisy_gt = latents + sigma * jax.random.normal(noise_rng, latents.shape, latents.dtype)
   return noisy_gt * keep, jnp.broadcast_to(keep, latents.shape[:-1] + (1,)), k
+
+
+def clean_condition(rng: jax.Array, latents: jax.Array, p: float) -> tuple[jax.Array, jax.Array]:
+  """Stage 1 (images (B, h, w, 4)) as the release trains it: with probability p, for the whole batch, the ICA
+  channels carry the clean target latents with mask 1 (train_image.py's 1%); otherwise zeros."""
+  on = jax.random.bernoulli(rng, p).astype(latents.dtype)
+  return latents * on, jnp.broadcast_to(on, latents.shape[:-1] + (1,))
 
 
 def ica_inference_condition(

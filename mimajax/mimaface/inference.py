@@ -34,6 +34,14 @@ from mimajax.mimaface.sampling import SamplerConfig
 GROUP = "model"
 
 
+# The release's infer_video.py: 12-frame clips (video_length), EulerDiscreteScheduler from SD1.5's config (linspace
+# spacing), 25 steps, guidance 5.0; the unconditional branch is zeros, as ours always is (sampling.py).
+RELEASE_CLIP_FRAMES = 12
+RELEASE_SAMPLER = SamplerConfig(
+  scheduler="euler", num_inference_steps=25, guidance_scale=5.0, timestep_spacing="linspace"
+)
+
+
 @dataclasses.dataclass
 class Inference:
   """A trained model ready to animate: MIMAFace, the VAE, the renderer's face model, the noise schedule."""
@@ -89,11 +97,7 @@ def load_inference(path: str | os.PathLike, *, use_ema: bool = True, vae_dir: st
     resolution=int(config.data.resolution),
     num_frames=frames,
     ica_frames=ica.inference_overlap(frames),
-    sampler=SamplerConfig(
-      scheduler=sample.get("scheduler", "ddim"),
-      num_inference_steps=sample.get("num_inference_steps", 25),
-      guidance_scale=sample.get("guidance_scale", 3.5),
-    ),  # fmt: skip
+    sampler=SamplerConfig.from_config(sample),
   )
 
 
@@ -152,7 +156,7 @@ def _load_release(path: Path, vae_dir, face_model_path) -> Inference:
     raise CheckpointReadError(
       f"{path} is a release folder: pass the morphable model its coefficients use (BFM_model_front.mat)"
     )
-  frames = 16
+  frames = RELEASE_CLIP_FRAMES
   return Inference(
     model=release_format.load_release(path),
     face_features=face_features.FaceFeatures.for_release(path),  # its IR weights are looked for on first use
@@ -163,4 +167,5 @@ def _load_release(path: Path, vae_dir, face_model_path) -> Inference:
     resolution=512,
     num_frames=frames,
     ica_frames=ica.inference_overlap(frames, release=True),
+    sampler=RELEASE_SAMPLER,
   )

@@ -349,10 +349,12 @@ def build_mia(
   return cls(cfg, implementation=implementation, dtype=dtype, rngs=rngs)
 
 
-def drop_condition(rng: jax.Array, cond: jax.Array, p: float | jax.Array) -> jax.Array:
+def drop_condition(rng: jax.Array, cond: jax.Array, p: float | jax.Array, *, per_batch: bool = False) -> jax.Array:
   """Zeros the appearance condition of each sample (leading axis) with probability p, for classifier-free guidance.
 
-  Per-sample Bernoulli (the release drops the whole batch at once with p = 0.1); jittable, p may be traced.
+  Per-sample Bernoulli, or one draw for the whole batch (per_batch: the release's `random.random() < 0.1`);
+  jittable, p may be traced.
   """
-  keep = jax.random.bernoulli(rng, 1.0 - jnp.asarray(p, jnp.float32), (cond.shape[0],))
+  draws = 1 if per_batch else cond.shape[0]
+  keep = jnp.broadcast_to(jax.random.bernoulli(rng, 1.0 - jnp.asarray(p, jnp.float32), (draws,)), (cond.shape[0],))
   return jnp.where(keep.reshape((-1,) + (1,) * (cond.ndim - 1)), cond, jnp.zeros((), cond.dtype))

@@ -48,14 +48,23 @@ class MIMAFaceConfig:
   mia: MIAConfig = MIAConfig()
   motion: MotionConfig | None = None  # None: stage 1 (images); set: stage 2 (clips)
   cfg_dropout: float = 0.1  # fraction of samples trained without appearance condition (for CFG)
+  cfg_dropout_scope: str = "sample"  # "sample": per sample (ours); "batch": the whole batch at once (the release)
   identity_loss_weight: float = 0.1  # lambda of L_id (paper variant); 0 disables it
   identity_temperature: float = 1.0  # the paper's eq. 2 has none
   ica_sigma: float = 0.1  # std of the noise on ICA's ground-truth conditioning latents
   ica_max_frames: int | None = None  # k ~ U{0..this}; None: F // 4 (paper)
+  ica_schedule: str = "paper"  # "paper": k ~ U{0..F/4} per sample (eq. 3); "release": 0 or U{1..4}, per batch
+  clean_condition_prob: float = 0.0  # stage 1: P(the ICA channels carry the clean target latents, mask 1); release 0.01
   min_snr_gamma: float | None = None  # the release trains with 5.0
   augment: augment.PhotometricConfig = augment.PhotometricConfig()
 
   def __post_init__(self):
+    if self.cfg_dropout_scope not in ("sample", "batch"):
+      raise ValueError(f"cfg_dropout_scope={self.cfg_dropout_scope!r}; expected 'sample' or 'batch'")
+    if self.ica_schedule not in ica.ICA_SCHEDULES:
+      raise ValueError(f"ica_schedule={self.ica_schedule!r}; expected one of {ica.ICA_SCHEDULES}")
+    if not 0 <= self.clean_condition_prob <= 1:
+      raise ValueError(f"clean_condition_prob={self.clean_condition_prob} must be in [0, 1]")
     if self.unet.in_channels != ica.INPUT_CHANNELS:
       raise ValueError(
         f"MIMAFace's U-Net takes {ica.INPUT_CHANNELS} input channels [noisy 4 | render 4 | ICA latents 4 | mask 1]; "
@@ -142,12 +151,16 @@ def training_loss(
   rng: jax.Array,
   schedule: schedulers.NoiseSchedule,
   bank: MemoryBank | None = None,
+  *,
+  identity_loss: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Denoising loss (+ lambda * identity contrastive loss) for one batch; (loss, aux) with aux["e_id"] for the bank.
 
   Per sample: t ~ U{0..T-1}; x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps; the appearance condition is
-  zeroed with probability cfg_dropout; in stage 2 the ICA conditioning follows eq. 3-4; the target is
-  eps or v by the schedule's prediction type, optionally min-SNR-gamma weighted.
+  zeroed with probability cfg_dropout (per sample, or for the whole batch as the release does); in stage 2 the ICA
+  conditioning follows eq. 3-4 (or the release's k), in stage 1 it carries the clean target with probability
+  clean_condition_prob (the release's 1%); the target is eps or v by the schedule's prediction type, optionally
+  min-SNR-gamma weighted. identity_loss=False skips L_id (nothing it would train is trainable: stage 2).
   """
   cfg = model.config
   latents = batch["latents"]
@@ -162,17 +175,20 @@ def training_loss(
   target = schedulers.training_target(schedule, latents, noise, t)
 
   appearance = model.encode_appearance(batch["source"], batch["motion"], batch.get("face_features"))
-  context = drop_condition(drop_rng, appearance.context, cfg.cfg_dropout)
+  context = drop_condition(drop_rng, appearance.context, cfg.cfg_dropout, per_batch=cfg.cfg_dropout_scope == "batch")
   cond, mask = None, None
   if video:
-    cond, mask, _ = ica.ica_training_condition(ica_rng, latents, sigma=cfg.ica_sigma, max_frames=cfg.ica_max_frames)
+    cond, mask, _ = ica.ica_training_condition(ica_rng, latents, sigma=cfg.ica_sigma, max_frames=cfg.ica_max_frames,
+                                               schedule=cfg.ica_schedule)  # fmt: skip
+  elif cfg.clean_condition_prob:
+    cond, mask = ica.clean_condition(ica_rng, latents, cfg.clean_condition_prob)
   pred = model.predict(noisy, t, context, batch["render_latents"], cond, mask)
   weights = schedulers.min_snr_weight(schedule, t, cfg.min_snr_gamma) if cfg.min_snr_gamma else None
   diffusion = losses.diffusion_loss(pred, target, weights)
 
   aux = {"diffusion_loss": diffusion, "e_id": jax.lax.stop_gradient(appearance.e_id)}
   loss = diffusion
-  if cfg.identity_loss_weight and cfg.mia.variant == "paper":
+  if identity_loss and cfg.identity_loss_weight and cfg.mia.variant == "paper":
     augmented = augment.photometric_augment(aug_rng, batch["source"], cfg.augment)
     positive = model.clip(normalize_for_clip(augmented)).e_id
     if bank is None:

@@ -30,7 +30,9 @@ SCHEDULERS = ("ddim", "euler")
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """How a clip is denoised; the defaults are the paper's (the release samples 25 Euler steps at w = 5.0)."""
+  """How a clip is denoised. The paper states no sampler; these defaults are ours (DDIM, 25 steps, w = 3.5,
+  SD1.5's leading spacing). The release samples 25 Euler steps at w = 5.0 with linspace spacing
+  (inference.RELEASE_SAMPLER, configs/release.py)."""
 
   scheduler: str = "ddim"  # or "euler"
   num_inference_steps: int = 25
