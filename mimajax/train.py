@@ -239,10 +239,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
     )
     eval_every = 0
   evaluator = None
-  if eval_every and jax.process_index() == 0:
+  if eval_every:
     from mimajax.evaluation.during_training import TrainingEvaluator
 
-    evaluator = TrainingEvaluator(config)
+    evaluator = TrainingEvaluator(config)  # its pairs and networks now: a missing weight file fails at the start
   preempt = checkpointing.PreemptionFlag().install()
   compiled = None
   step = start
@@ -270,8 +270,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
       ckpt.save(step, state, run.iterator.get_state(), force=stop or step == total or evaluate)
       if evaluate:
         ckpt.wait()  # the animator loads the step just saved: what `mimajax evaluate --checkpoint` would score
-        if evaluator is not None:
-          reporter.writer.write_scalars(step, evaluator(family, workdir))
+        scalars = evaluator(family, workdir)  # every process: the checkpoint restore is collective
+        if jax.process_index() == 0 and scalars:
+          reporter.writer.write_scalars(step, scalars)
       if stop:
         log.warning("preempted (SIGTERM): saved step %d to %s", step, ckpt.directory)
         break

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,7 @@ from mimajax.evaluation import protocols, report, scoring
 from mimajax.evaluation.dataset import Dataset
 from mimajax.metrics.assets import MissingWeights
 
+log = logging.getLogger(__name__)
 PROG = "mimajax evaluate"
 BASELINES = ("copy_source", "copy_driver")
 GRID_PAIRS = 4
@@ -124,9 +126,11 @@ def run(args) -> int:
 
 def _run(args) -> int:
   started = time.time()
-  out = Path(args.out)
+  out = Path(args.out).absolute()
   if out.exists() and not args.overwrite:
-    raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it (once the new report is complete)")
+    raise FileExistsError(f"--out {args.out} exists; pass --overwrite to replace it (once the new report is complete)")
+  if not out.parent.is_dir():
+    raise FileNotFoundError(f"--out {args.out}: its folder {out.parent} does not exist")
   wanted = [p.strip() for p in args.protocols.split(",") if p.strip()]
   dataset = Dataset(args.data)
   videos, identities = _select(dataset, args)
@@ -158,14 +162,17 @@ def _run(args) -> int:
   tmp = atomic.temp_dir(out)
   try:
     meta = _score_all(args, dataset, pairs, animator, others, scorer, systems, tmp, resolution)
+    if args.pairs:  # what was scored is the pair list's, whatever --split / --frames say
+      identities = sorted({dataset.videos[v].identity for p in pairs for v in (p.source_video, p.driver_video)})
     meta.update(
       data=str(dataset.path), checkpoint=args.checkpoint, model=animator.name if animator else None,
-      identities=identities, split=args.split, seed=args.seed, frames=args.frames, resolution=resolution,
+      identities=identities, split="pairs file" if args.pairs else args.split, pairs_file=args.pairs,
+      seed=args.seed, frames=max(p.frames for p in pairs), resolution=resolution,
       systems=systems, networks=nets.network_names(), warnings=_warnings(animator, dataset, args, identities),
       seconds=round(time.time() - started, 1),
     )  # fmt: skip
     protocols.write_pairs(tmp / "pairs.json", pairs, {"data": str(dataset.path), "seed": args.seed,
-                                                      "frames": args.frames, "split": args.split})  # fmt: skip
+                                                      "frames": meta["frames"], "split": meta["split"]})  # fmt: skip
     figures = meta.pop("figures")
     report.write_json(tmp / "summary.json", report.summary(figures, meta["networks"]))
     report.write_json(tmp / "report.json", meta)
@@ -182,12 +189,18 @@ def _run(args) -> int:
 
 
 def _commit(tmp: Path, out: Path) -> None:
+  """`tmp` becomes `out`; an old `out` (--overwrite) is moved aside first and back if the rename fails."""
   old = None
   if out.exists():
     old = atomic.temp_dir(out, ".old")
     os.rmdir(old)
     os.replace(out, old)
-  os.replace(tmp, out)
+  try:
+    os.replace(tmp, out)
+  except OSError:
+    if old is not None:
+      os.replace(old, out)
+    raise
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
 
@@ -203,8 +216,9 @@ class Collected:
 
 
 def score_pairs(pairs, dataset, scorer, systems, *, animator=None, others=None, seed: int = 0, progress: bool = True,
-                on_pair=None) -> Collected:  # fmt: skip
-  """Scores every system on every pair. on_pair(pair, record, outputs): the per-pair JSON and the model's frames."""
+                on_pair=None, model_video=None) -> Collected:  # fmt: skip
+  """Scores every system on every pair. on_pair(pair, record): the per-pair JSON; model_video(pair, frames): writes
+  the model's frames and returns them as read back (so the model is scored on the pixels of its videos)."""
   from tqdm import tqdm
 
   others = others or {}
@@ -216,6 +230,8 @@ def score_pairs(pairs, dataset, scorer, systems, *, animator=None, others=None, 
     outputs = {}
     if animator is not None and "model" in systems:
       outputs["model"] = animator.animate(source[0], source_rows[0], driver, driver_rows, seed)
+      if model_video is not None:  # scored as written: the pixels another system's videos are scored on
+        outputs["model"] = model_video(pair, outputs["model"])
     for name, folder in others.items():
       outputs[name] = _read_system_video(folder, pair)
     outputs["copy_source"] = np.repeat(ref.source[None], pair.frames, axis=0)
@@ -223,21 +239,26 @@ def score_pairs(pairs, dataset, scorer, systems, *, animator=None, others=None, 
     known = {"copy_source": ref.source_analysis.repeat(pair.frames), "copy_driver": ref.driver_analysis}
     record = {"pair": pair.to_json(), "systems": {}}
     rows = {"source": ref.source, "driver": ref.driver}
+    for name, ana in (("source", ref.source_analysis), ("driver", ref.driver_analysis)):
+      if scoring.no_face_frames(ana):  # the references' own failures: the face metrics of every system lack them
+        c.no_face.setdefault(pair.pair_id, {})[name] = scoring.no_face_frames(ana)
     for name in systems:
-      values, analysis = scorer.score(pair.protocol, outputs[name], ref, known.get(name))
+      what = f"{name}'s frames of pair {pair.pair_id}"
+      values, analysis = scorer.score(pair.protocol, outputs[name], ref, known.get(name), what=what)
       c.features.setdefault(pair.protocol, {}).setdefault(name, []).append(analysis.features)
       for m, v in values.items():
         c.per_frame.setdefault(pair.protocol, {}).setdefault(name, {}).setdefault(m, []).append(v)
-      lost = scoring.no_face_frames(values)
+      lost = scoring.no_face_frames(analysis) if name not in known else 0  # baselines: the references' counts
       if lost:
         c.no_face.setdefault(pair.pair_id, {})[name] = lost
       record["systems"][name] = values
-      rows[name] = scoring.resize_frames(outputs[name], scorer.resolution)
+      if len(c.grid.setdefault(pair.protocol, [])) < GRID_PAIRS:
+        rows[name] = scoring.resize_frames(outputs[name], scorer.resolution)
     c.features[pair.protocol].setdefault("real", []).append(ref.driver_analysis.features)
-    if len(c.grid.setdefault(pair.protocol, [])) < GRID_PAIRS:
+    if len(c.grid[pair.protocol]) < GRID_PAIRS:
       c.grid[pair.protocol].append(rows)
     if on_pair is not None:
-      on_pair(pair, record, outputs)
+      on_pair(pair, record)
   return c
 
 
@@ -246,13 +267,15 @@ def _score_all(args, dataset, pairs, animator, others, scorer, systems, tmp: Pat
   if animator is not None:
     (tmp / "videos" / "model").mkdir(parents=True)
 
-  def on_pair(pair, record, outputs):
-    if "model" in outputs:  # the model's frames, as a --videos system reads them back (re-scorable)
-      video_io.write_mp4(tmp / "videos" / "model" / f"{pair.pair_id}.mp4", outputs["model"])
+  def on_pair(pair, record):
     report.write_json(tmp / "per_pair" / f"{pair.pair_id}.json", record)
 
+  def model_video(pair, frames):  # the model's videos, re-scorable as a --videos system on the same pairs
+    path = video_io.write_mp4(tmp / "videos" / "model" / f"{pair.pair_id}.mp4", frames)
+    return _read_system_video(path.parent, pair)
+
   c = score_pairs(pairs, dataset, scorer, systems, animator=animator, others=others, seed=args.seed,
-                  progress=not args.no_progress, on_pair=on_pair)  # fmt: skip
+                  progress=not args.no_progress, on_pair=on_pair, model_video=model_video)  # fmt: skip
   figures = figures_of(c, systems)
   for protocol, rows in c.grid.items():
     report.write_grid(tmp / f"grid_{protocol}.png", rows, systems)
@@ -275,9 +298,14 @@ def figures_of(c: Collected, systems) -> dict:
         if m == "fid":
           gen = np.concatenate(c.features[protocol][name])
           # Below 2048 frames the covariances are rank-deficient (scipy warns); the frame count goes with the value.
-          with warnings.catch_warnings():
-            warnings.simplefilter("ignore", LinAlgWarning)
-            value = float(fid.fid(gen, real)) if len(gen) >= 2 and len(real) >= 2 else None
+          value = None
+          if len(gen) >= 2 and len(real) >= 2:
+            with warnings.catch_warnings():
+              warnings.simplefilter("ignore", LinAlgWarning)
+              try:
+                value = float(fid.fid(gen, real))
+              except ValueError as e:  # sqrtm's imaginary part: common with far fewer frames than 2048
+                log.warning("FID of %s (%s) not computed from %d frames: %s", name, protocol, len(gen), e)
           metrics["fid"] = (value, int(len(gen)))
         else:
           metrics[m] = scoring.aggregate(by_system[name].get(m, []))

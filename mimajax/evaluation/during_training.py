@@ -2,9 +2,12 @@
 
 The loop saves a checkpoint at each evaluation step and, on process 0, this module loads the family's animator from
 it (`Family.load_animator`: exactly what `mimajax evaluate --checkpoint` would score) and scores the same pairs each
-time: the first `config.eval.pairs` pairs of each protocol of `config.eval.data` (default: the training data), drawn
-with `config.eval.seed`. The figures go to the run's metric writer as `eval/<protocol>/<metric>`. The face networks
-load once per run, on the first evaluation. Other processes wait at their next step's collectives meanwhile.
+time: the first `config.eval.pairs` pairs of each protocol of `config.eval.data` (default: the training data; a
+small held-out prepared folder is better: its index is read at the start), drawn with `config.eval.seed`. The
+figures go to the run's metric writer as `eval/<protocol>/<metric>`. Every process evaluates (restoring a checkpoint
+is a collective in Orbax; the scoring is the same on each), process 0 writes. The pairs and the face networks are
+set up when training starts, so a missing weight file fails then; an evaluation that fails later is logged and
+training goes on.
 """
 
 from __future__ import annotations
@@ -48,20 +51,25 @@ class TrainingEvaluator:
     pairs = protocols.make_pairs(list(self.dataset.videos.values()), frames=int(ev.frames), seed=int(ev.seed),
                                  protocols=_protocols(ev))  # fmt: skip
     self.pairs = protocols.limit_pairs(pairs, int(ev.pairs))
+    if not self.pairs:
+      raise ValueError(f"config.eval: {self.dataset.path} gives no {ev.protocols} pairs (one identity, or videos "
+                       "of fewer than 2 frames)")  # fmt: skip
     self.seed = int(ev.seed)
-    self.scorer = None
+    face_model = self.dataset.face_model_path()
+    nets = scoring.Networks.load(face_model=str(face_model) if face_model else None)
+    first = self.pairs[0]
+    resolution = int(self.dataset.read(first.source_video, first.source_frame, 1)[0].shape[1])
+    self.scorer = scoring.Scorer(nets, resolution)
 
   def __call__(self, family, checkpoint: Path) -> dict[str, float]:
     """The model's figures, {"eval/<protocol>/<metric>": value}, for the checkpoint just saved."""
-    animator = family.load_animator(Path(checkpoint), self.options)
-    if self.scorer is None:
-      face_model = self.dataset.face_model_path()
-      nets = scoring.Networks.load(face_model=str(face_model) if face_model else None)
-      first = self.pairs[0]
-      resolution = int(self.dataset.read(first.source_video, first.source_frame, 1)[0].shape[1])
-      self.scorer = scoring.Scorer(nets, resolution)
-    c = command.score_pairs(self.pairs, self.dataset, self.scorer, ["model"], animator=animator, seed=self.seed,
-                            progress=False)  # fmt: skip
+    try:
+      animator = family.load_animator(Path(checkpoint), self.options)
+      c = command.score_pairs(self.pairs, self.dataset, self.scorer, ["model"], animator=animator, seed=self.seed,
+                              progress=False)  # fmt: skip
+    except Exception as e:  # noqa: BLE001  (an evaluation is a report; it never stops the run it reports on)
+      log.warning("evaluation of %s failed (%s: %s); training goes on", checkpoint, type(e).__name__, e)
+      return {}
     figures = command.figures_of(c, ["model"])
     out = {}
     for protocol, systems in figures.items():

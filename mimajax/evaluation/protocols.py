@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 
 PROTOCOLS = ("same_identity", "cross_identity")
 PAIRS_FORMAT = "mimajax-eval-pairs"
+PAIR_ID = re.compile(r"[A-Za-z0-9_.-]+")  # a pair id names files: <pair id>.mp4, per_pair/<pair id>.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +75,21 @@ def make_pairs(videos: Sequence, *, frames: int, seed: int = 0, protocols: Seque
   for n, v in enumerate(videos):
     if "same_identity" in protocols and v.num_frames >= 2:
       pairs.append(Pair("same_identity", f"same_{n:05d}", v.video_id, 0, v.video_id, 1, min(frames, v.num_frames - 1)))
-  others = {v.video_id: [u for u in videos if u.identity != v.identity] for v in videos}
   if "cross_identity" in protocols:
+    # The k-th video of another identity, without listing them per video (VoxCeleb1 test: 4,900 videos): the
+    # videos of each identity are one contiguous run of `by_identity`, which the draw skips over.
+    by_identity = sorted(range(len(videos)), key=lambda i: (videos[i].identity, videos[i].video_id))
+    first, count = {}, {}
+    for pos, i in enumerate(by_identity):
+      first.setdefault(videos[i].identity, pos)
+      count[videos[i].identity] = count.get(videos[i].identity, 0) + 1
     for n, v in enumerate(videos):
-      if not others[v.video_id]:
+      others = len(videos) - count[v.identity]
+      if not others:
         continue  # a dataset of one identity has no cross-identity pairs
-      d = others[v.video_id][int(rng.integers(len(others[v.video_id])))]
+      k = int(rng.integers(others))
+      pos = k if k < first[v.identity] else k + count[v.identity]
+      d = videos[by_identity[pos]]
       pairs.append(Pair("cross_identity", f"cross_{n:05d}", v.video_id, 0, d.video_id, 0, min(frames, d.num_frames)))
   return pairs
 
@@ -112,14 +123,21 @@ def read_pairs(path: str | Path, dataset=None) -> list[Pair]:
     raise ValueError(f"--pairs {path} is not a readable pair list ({type(e).__name__}: {e})") from e
   if not isinstance(data, dict) or data.get("format") != PAIRS_FORMAT or not isinstance(data.get("pairs"), list):
     raise ValueError(f"--pairs {path} is not a {PAIRS_FORMAT} file (the pairs.json `mimajax evaluate` writes)")
-  fields = {f.name for f in dataclasses.fields(Pair)}
+  types = {f.name: f.type for f in dataclasses.fields(Pair)}
   pairs = []
   for n, item in enumerate(data["pairs"]):
-    if not isinstance(item, dict) or set(item) != fields:
-      raise ValueError(f"--pairs {path}: pair {n} must have exactly the fields {sorted(fields)}")
+    if not isinstance(item, dict) or set(item) != set(types):
+      raise ValueError(f"--pairs {path}: pair {n} must have exactly the fields {sorted(types)}")
+    wrong = [k for k, t in types.items() if type(item[k]).__name__ != t]  # bool is not an int here
+    if wrong:
+      raise ValueError(f"--pairs {path}: pair {n} has fields of the wrong type: {wrong} (ints and strings expected)")
     p = Pair(**item)
+    if not PAIR_ID.fullmatch(p.pair_id):
+      raise ValueError(f"--pairs {path}: pair id {p.pair_id!r} must be letters, digits, '_', '-' or '.' (a file name)")
     if p.protocol not in PROTOCOLS:
       raise ValueError(f"--pairs {path}: pair {p.pair_id} has protocol {p.protocol!r}; expected one of {PROTOCOLS}")
+    if p.protocol == "same_identity" and p.source_video != p.driver_video:
+      raise ValueError(f"--pairs {path}: same-identity pair {p.pair_id} drives {p.source_video} with another video")
     if dataset is not None:
       for vid, start, count in ((p.source_video, p.source_frame, 1), (p.driver_video, p.driver_start, p.frames)):
         v = dataset.videos.get(vid)

@@ -2,7 +2,7 @@
 
 summary.json   {protocol: {system: {metric: {"value", "network", "frames"}}}}: each figure, the network behind it
                and how many frames it averages (FID: how many generated frames its statistics come from); a value
-               is null when no frame could be scored (and for PSNR of identical frames, which is infinite)
+               is null when no frame could be scored; PSNR of identical frames counts as 100 dB (scoring.PSNR_CAP)
 report.json    what was scored: dataset, checkpoint, systems, networks, pair counts, frames without a face per
                pair and system, warnings (e.g. identities the model was trained on)
 table.md       the papers' table: one row per system, same-identity and cross-identity column groups
@@ -47,7 +47,7 @@ def summary(figures: Mapping, networks: Mapping[str, str]) -> dict:
 
 
 def _cell(metric: str, value) -> str:
-  if value is None:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
     return "-"
   if isinstance(value, float) and math.isinf(value):
     return "inf"

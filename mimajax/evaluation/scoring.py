@@ -25,26 +25,32 @@ sizes are compared on the same pixels.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 FRAME_METRICS = ("psnr", "ssim", "lpips", "csim", "akd", "apd", "aed", "exp", "pose", "gaze")
 ALL_METRICS = FRAME_METRICS[:3] + ("fid",) + FRAME_METRICS[3:]
 GROUND_TRUTH_METRICS = ("psnr", "ssim", "lpips")  # same_identity only: cross_identity has no ground truth
 MOTION_METRICS = ("akd", "apd", "aed", "exp", "pose", "gaze")
 # Identical frames have an infinite PSNR; counting them as 100 dB keeps a mean finite (a copy of the ground truth, a
-# static clip) while staying above any two 8-bit frames that differ at all at these sizes (about 89 dB at 64 px).
+# static clip). Two 8-bit frames differing in one value reach 89 dB at 64 px, 101 dB at 256 px: at face-animation
+# quality (20-30 dB) the cap never binds but for identical or near-identical frames.
 PSNR_CAP = 100.0
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "csim": True}  # the rest: lower is better
 
 
-def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
-  """(T, H, W, 3) uint8 -> (T, size, size, 3): area when shrinking, cubic when enlarging."""
+def resize_frames(frames: np.ndarray, size: int, what: str = "frames") -> np.ndarray:
+  """Square (T, H, W, 3) uint8 -> (T, size, size, 3): area when shrinking, cubic when enlarging. Non-square frames
+  are refused (stretching them would score a distorted face): systems are compared on square face crops."""
   import cv2
 
   frames = np.asarray(frames)
+  if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1] != frames.shape[2]:
+    raise ValueError(f"{what}: frames of shape {frames.shape[1:]}; expected square RGB face crops (H = W)")
   if frames.shape[1:3] == (size, size):
     return frames
   interp = cv2.INTER_AREA if frames.shape[1] > size else cv2.INTER_CUBIC
@@ -73,11 +79,16 @@ class Networks:
     from mimajax.metrics.inception import FIDInception
     from mimajax.metrics.lpips import LPIPS
 
+    try:
+      motion = face_motion.FaceMotion.load(face_model=face_model, landmarks=landmarks)
+    except ValueError as e:  # e.g. a BFM where the landmark model's expression basis was expected: no Exp
+      log.warning("Exp is not available: the dataset's face model %s does not fit the landmark fit (%s)", face_model, e)
+      motion = face_motion.FaceMotion.load(face_model=None, landmarks=landmarks)
     return cls(
       lpips=LPIPS.load(net=lpips_net),
       inception=FIDInception.load(path=inception_weights),
       identity=identity_nets.load_identity(identity, path=identity_weights),
-      face_motion=face_motion.FaceMotion.load(face_model=face_model, landmarks=landmarks),
+      face_motion=motion,
     )
 
   def network_names(self) -> dict[str, str]:
@@ -137,15 +148,15 @@ class Scorer:
     driver = resize_frames(driver, self.resolution)
     return References(source[0], driver, self.analyse(source), self.analyse(driver))
 
-  def score(self, protocol: str, generated: np.ndarray, ref: References, analysis: Analysis | None = None) -> tuple[
-      dict, Analysis]:  # fmt: skip
+  def score(self, protocol: str, generated: np.ndarray, ref: References, analysis: Analysis | None = None, *,
+            what: str = "generated frames") -> tuple[dict, Analysis]:  # fmt: skip
     """Per-frame values {metric: (T,)} of `generated` against `ref`, and the generated frames' analysis (given when
     already known: the baselines are the references' own frames)."""
     from mimajax.metrics import identity as identity_nets
     from mimajax.metrics import image
     from mimajax.metrics import motion as motion_metrics
 
-    gen = resize_frames(generated, self.resolution)
+    gen = resize_frames(generated, self.resolution, what)
     t = len(ref.driver)
     if len(gen) != t:
       raise ValueError(f"{len(gen)} generated frames for {t} driving frames")
@@ -161,18 +172,17 @@ class Scorer:
     csim[~a.found | ~src.found[0]] = np.nan
     out["csim"] = csim
     for name in MOTION_METRICS:
-      fn = getattr(motion_metrics, name)
-      try:
-        out[name] = np.asarray(fn(a.motion, ref.driver_analysis.motion), np.float64)
-      except ValueError:  # `exp` without an expression basis: the metric is not available for this data
-        out[name] = np.full(t, np.nan)
+      if name == "exp" and (a.motion.expression is None or ref.driver_analysis.motion.expression is None):
+        out[name] = np.full(t, np.nan)  # no expression basis for this data: Exp is not available
+        continue
+      out[name] = np.asarray(getattr(motion_metrics, name)(a.motion, ref.driver_analysis.motion), np.float64)
     return out, a
 
 
-def no_face_frames(values: Mapping[str, np.ndarray]) -> int:
-  """Frames where a face network found no face (NaN in CSIM or in the landmark metrics)."""
-  masks = [np.isnan(values[m]) for m in ("csim", "akd") if m in values]
-  return int(np.logical_or.reduce(masks).sum()) if masks else 0
+def no_face_frames(analysis: Analysis) -> int:
+  """Frames of a system's output where the identity or the landmark network found no face (the references' own
+  failures are counted apart, as the source's and the driver's)."""
+  return int((~np.asarray(analysis.found, bool) | ~np.asarray(analysis.motion.found, bool)).sum())
 
 
 def aggregate(per_frame: list[np.ndarray]) -> tuple[float | None, int]:
