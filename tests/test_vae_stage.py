@@ -58,19 +58,30 @@ def data(tmp_path_factory):
   return root
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A persistent compilation cache: the loop's run compiles the very step the first test compiled."""
+  path = tmp_path_factory.mktemp("jax_cache")
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)
+
+
 def _vae_config(data, **overrides):
   config = tiny.get_config("vae")
   config.data.update(path=str(data), resolution=RES, batch_size=4, exclude_identities=("gamma",))
   config.model.attention_impl = "xla"
   config.log.progress_bar = False
+  config.train.warmup_steps = 0
   config.checkpoint.update(every_steps=100, async_save=False)
   config.update(overrides)
   return config
 
 
-def test_a_few_steps_reduce_the_loss_on_a_batch(data, tmp_path):
+def test_a_few_steps_reduce_the_loss_on_a_batch(data, cache_dir, tmp_path):
   config = _vae_config(data)
-  config.train.warmup_steps = 0
   run, ckpt = train.setup(config, tmp_path)
   host = {k: v for k, v in next(run.iterator).items() if k in run.task.batch_keys}
   assert host["frames"].shape == (4, RES, RES, 3)
@@ -93,12 +104,13 @@ def test_held_out_identities_never_reach_the_loader(data):
   assert seen == {0, 1}  # "gamma" (2) is held out
 
 
-def test_the_trained_vae_is_the_frozen_vae_of_stage_1_and_of_its_workdir(data, tmp_path):
+def test_the_trained_vae_is_the_frozen_vae_of_stage_1_and_of_its_workdir(data, cache_dir, tmp_path):
   vae_dir = tmp_path / "vae_run"
   args = ["--config", "configs/tiny.py:vae", "--workdir", str(vae_dir), "--config.total_steps=2",
           f"--config.data.path={data}", f"--config.data.resolution={RES}", "--config.data.batch_size=4",
           "--config.data.exclude_identities=('gamma',)", "--config.model.attention_impl=xla",
-          "--config.log.progress_bar=False", "--config.sample.every_steps=2"]  # fmt: skip
+          "--config.log.progress_bar=False", "--config.sample.every_steps=2",
+          "--config.train.warmup_steps=0"]  # fmt: skip
   assert train.main(args) == 0
   assert (vae_dir / "samples" / "step_0000002.png").is_file()
   exported = json.loads((vae_dir / "vae" / "config.json").read_text())
