@@ -133,8 +133,8 @@ def test_figures_read_against_the_baselines(report):
   assert same["copy_driver"]["psnr"]["value"] == 100.0  # the ground truth itself: PSNR_CAP
   assert same["copy_driver"]["lpips"]["value"] == 0.0 and same["copy_driver"]["akd"]["value"] == 0.0
   assert abs(same["copy_driver"]["fid"]["value"]) < 1e-3
-  # a two-pixel shift of the ground truth: close to it, but not the ground truth
-  assert 0 < same["model"]["lpips"]["value"] < same["copy_source"]["lpips"]["value"]
+  # a two-pixel shift of the ground truth, scored from its H.264 video: close to it, but not the ground truth
+  assert 0 < same["model"]["lpips"]["value"] < 0.3
   astronaut = json.loads((report / "per_pair" / "same_00000.json").read_text())["systems"]
   assert 10 < np.mean(astronaut["model"]["psnr"]) < 60 and np.mean(astronaut["copy_driver"]["psnr"]) == 100.0
   assert same["model"]["akd"]["value"] > 0.5  # two pixels at 64 px are eight at 256
@@ -235,3 +235,20 @@ def test_evaluation_during_training_scores_each_saved_step_into_tensorboard(data
   config.eval.protocols = "nope"
   with pytest.raises(ValueError, match=r"config.eval.protocols names \['nope'\]"):
     train.preflight(config, tmp_path / "other")
+
+
+def test_a_pair_list_with_bad_fields_or_ids_is_refused(data, tmp_path):
+  ds = Dataset(data)
+  pairs = protocols.make_pairs(list(ds.videos.values()), frames=FRAMES)
+  path = tmp_path / "pairs.json"
+  for change, message in (
+    ({"frames": "6"}, "fields of the wrong type: \\['frames'\\]"),
+    ({"pair_id": "../escape"}, "must be letters, digits"),
+    ({"driver_video": "grace_hopper/demo/00001"}, "drives astronaut/demo/00001 with another video"),
+  ):
+    protocols.write_pairs(path, pairs, {})
+    bad = json.loads(path.read_text())
+    bad["pairs"][0].update(change)
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=message):
+      protocols.read_pairs(path, ds)
