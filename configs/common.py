@@ -222,8 +222,14 @@ def base_config(size: str, name: str, stage: int = 1, variant: str = "paper") ->
   config.log = ml_collections.ConfigDict(dict(every_steps=50, progress_bar=True))
   config.sample = ml_collections.ConfigDict(
     # our sampler (the paper states none); configs/release.py sets the release's
-    dict(every_steps=5000, count=2, num_inference_steps=25, guidance_scale=3.5, scheduler="ddim",
-         timestep_spacing="leading")  # fmt: skip
+    dict(
+      every_steps=5000,
+      count=2,
+      num_inference_steps=25,
+      guidance_scale=3.5,
+      scheduler="ddim",
+      timestep_spacing="leading",
+    )  # fmt: skip
   )
   # Evaluation during training (mimajax.evaluation.during_training): every N steps (0: off), the first `pairs` pairs
   # of each protocol of `data` (default config.data.path), `frames` driving frames each, into TensorBoard.
