@@ -25,6 +25,7 @@ from mimajax.face3d import synthetic_model
 from mimajax.face3d.coefficients import COEFFICIENT_SLICES
 from mimajax.mimaface import animate, driving
 from mimajax.mimaface.model import Appearance
+from mimajax.mimaface.sampling import SamplerConfig
 
 # ffmpeg runs as a subprocess (fork + exec), which JAX's fork hook warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
@@ -99,6 +100,7 @@ def _inference(video=True, num_frames=4, ica_frames=1):
     resolution=RES,
     num_frames=num_frames,
     ica_frames=ica_frames,
+    sampler=SamplerConfig(),  # as Inference: the sampler the checkpoint was saved with
   )
 
 
