@@ -22,7 +22,7 @@ import numpy as np
 
 from mimajax.metrics import ir101
 from mimajax.parity.common import nchw, rel_err
-from mimajax.parity.identity import SIZES, randomise_, torch_ir
+from mimajax.parity.identity import SIZES, reference_ir
 
 FRAME = 512  # the release's test_image_size: the frame the MIA's source is
 
@@ -98,15 +98,8 @@ def face_features_parity(
 
   frame, points = portrait_frame()
   units = ir101.IR101_UNITS if pretrained else SIZES[size]
-  reference = torch_ir(units)
   with tempfile.TemporaryDirectory() as tmp:
-    if pretrained:
-      path = Path(pretrained)
-      state = torch.load(str(path), map_location="cpu", weights_only=True)
-      reference.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
-    else:
-      path = Path(tmp) / ir101.WEIGHTS_FILE
-      torch.save(randomise_(reference, seed).state_dict(), path)
+    reference, path = reference_ir(units, pretrained, Path(tmp), seed)
     ours_net = face_features.FaceFeatures(path)
     t0 = time.perf_counter()
     x = face_features.network_input(frame, points)

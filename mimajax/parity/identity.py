@@ -99,6 +99,21 @@ def randomise_(model, seed: int = 0):
   return model
 
 
+def reference_ir(units, pretrained: str | None, tmp: Path, seed: int):
+  """(the PyTorch IR net, the .pth our importer reads): the user's weights loaded into it strictly, or random
+  weights (non-trivial BatchNorm statistics) saved into `tmp` in the release's file layout."""
+  import torch
+
+  reference = torch_ir(units)
+  if pretrained:
+    state = torch.load(str(pretrained), map_location="cpu", weights_only=True)
+    reference.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
+    return reference, Path(pretrained)
+  path = tmp / ir101.WEIGHTS_FILE
+  torch.save(randomise_(reference, seed).state_dict(), path)
+  return reference, path
+
+
 def ir101_parity(
   size: str = "tiny",
   pretrained: str | None = None,
@@ -115,16 +130,8 @@ def ir101_parity(
   import torch
 
   units = ir101.IR101_UNITS if pretrained else SIZES[size]
-  reference = torch_ir(units)
   with tempfile.TemporaryDirectory() as tmp:
-    if pretrained:
-      path = Path(pretrained)
-      state = torch.load(str(path), map_location="cpu", weights_only=True)
-      state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
-      reference.load_state_dict(state, strict=True)
-    else:
-      path = Path(tmp) / ir101.WEIGHTS_FILE
-      torch.save(randomise_(reference, seed).state_dict(), path)
+    reference, path = reference_ir(units, pretrained, Path(tmp), seed)
     t0 = time.perf_counter()
     ours = ir101.load_ir101(path, units)
     log(f"ir101 parity: units {list(units)}, {'weights ' + str(path) if pretrained else 'random weights'}; "
