@@ -31,6 +31,7 @@ from flax import nnx
 
 from mimajax.convert.state_dict import KeyMap, merge_params
 from mimajax.errors import CheckpointReadError
+from mimajax.models.layers import InferenceBatchNorm, TorchConv
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 WIDTHS = (64, 128, 256, 512)  # bottleneck widths per stage; outputs are 4x
@@ -66,32 +67,20 @@ VARIANTS = {
 }
 
 
-class Conv(nnx.Module):
-  """A bias-free conv with torch's symmetric padding k // 2 (every backbone conv is bias=False), HWIO kernel."""
-
-  def __init__(self, cin: int, cout: int, k: int, stride: int = 1, *, rngs: nnx.Rngs):
-    self.stride, self.pad = stride, k // 2
-    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, k, cin, cout), jnp.float32))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    pad = ((self.pad, self.pad), (self.pad, self.pad))
-    return jax.lax.conv_general_dilated(
-      x, self.kernel[...], (self.stride, self.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST,
-    )  # fmt: skip
+def Conv(cin: int, cout: int, k: int, stride: int = 1, *, rngs: nnx.Rngs) -> TorchConv:
+  """Every backbone conv: bias-free, torch padding, full fp32 precision."""
+  return TorchConv(cin, cout, k, stride, precision=jax.lax.Precision.HIGHEST, rngs=rngs)
 
 
-class BatchNorm(nnx.Module):
-  """Inference BatchNorm2d over the last axis; leaves named as torch's (scale <-> weight, running_mean/var)."""
+class BatchNorm(InferenceBatchNorm):
+  """Inference BatchNorm2d with the scale folded into the inverse deviation before it multiplies (this network's
+  order of operations, kept so its figures stay bit for bit what they were)."""
 
   def __init__(self, channels: int):
-    self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
-    self.running_mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
-    self.running_var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
+    super().__init__(channels, eps=BN_EPS)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    inv = self.scale[...] * jax.lax.rsqrt(self.running_var[...] + BN_EPS)
+    inv = self.scale[...] * jax.lax.rsqrt(self.running_var[...] + self.eps)
     return (x - self.running_mean[...]) * inv + self.bias[...]
 
 

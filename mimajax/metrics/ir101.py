@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from mimajax.convert.state_dict import KeyMap, merge_params
+from mimajax.models.layers import InferenceBatchNorm, TorchConv
 
 IR101_UNITS = (3, 13, 30, 3)  # IR-101 (CurricularFace's num_layers=100)
 DEPTHS = (64, 128, 256, 512)
@@ -38,38 +39,11 @@ BN_EPS = 1e-5  # torch's BatchNorm default, which the checkpoints were trained w
 WEIGHTS_FILE = "CurricularFace_Backbone.pth"
 
 
-class Conv(nnx.Module):
-  """A bias-free conv (every conv of the IR net is bias=False), HWIO kernel, symmetric padding k//2."""
-
-  def __init__(self, cin: int, cout: int, k: int, stride: int = 1, *, rngs: nnx.Rngs):
-    self.stride, self.pad = stride, k // 2
-    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, k, cin, cout), jnp.float32))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    pad = ((self.pad, self.pad), (self.pad, self.pad))
-    return jax.lax.conv_general_dilated(
-      x, self.kernel[...], (self.stride, self.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+Conv = TorchConv  # bias-free, torch padding, XLA's default precision
 
 
-class BatchNorm(nnx.Module):
-  """Inference-mode BatchNorm over the last axis with torch's leaf names (running_mean / running_var).
-
-  Only evaluation is needed here, so there is no batch-statistics path; `affine=False` (the embedding's
-  BatchNorm1d) has no scale or bias, exactly like the checkpoint.
-  """
-
-  def __init__(self, channels: int, *, affine: bool = True):
-    self.affine = affine
-    if affine:
-      self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
-      self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
-    self.running_mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
-    self.running_var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = (x - self.running_mean[...]) * jax.lax.rsqrt(self.running_var[...] + BN_EPS)
-    return y * self.scale[...] + self.bias[...] if self.affine else y
+def BatchNorm(channels: int, *, affine: bool = True) -> InferenceBatchNorm:
+  return InferenceBatchNorm(channels, affine=affine, eps=BN_EPS)
 
 
 class PReLU(nnx.Module):

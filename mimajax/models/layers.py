@@ -239,3 +239,41 @@ class TimestepEmbedding(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.linear_2(self.act(self.linear_1(x)))
     return self.post_act(x) if self.post_act else x
+
+
+# ----------------------------------------------------------------------------- torch-layout inference layers
+
+
+class TorchConv(nnx.Module):
+  """A bias-free conv with torch's symmetric padding k // 2, HWIO kernel: the convs of the imported torchvision-style
+  networks (Deep3DFaceRecon's ResNet-50, CurricularFace's IR-101), whose checkpoints keep one `kernel` leaf each.
+  precision: None (XLA's default) or jax.lax.Precision.HIGHEST (no TF32 on GPUs)."""
+
+  def __init__(self, cin: int, cout: int, k: int, stride: int = 1, *, precision=None, rngs: nnx.Rngs):
+    self.stride, self.pad, self.precision = stride, k // 2, precision
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (k, k, cin, cout), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    pad = ((self.pad, self.pad), (self.pad, self.pad))
+    return jax.lax.conv_general_dilated(
+      x, self.kernel[...], (self.stride, self.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=self.precision,
+    )  # fmt: skip
+
+
+class InferenceBatchNorm(nnx.Module):
+  """Inference-mode BatchNorm over the last axis with torch's leaf names (scale <-> weight, running_mean / var) and
+  eps (1e-5, what the imported checkpoints were trained with). `affine=False` (a BatchNorm1d(affine=False)) has no
+  scale or bias, exactly like its checkpoint. Only evaluation: there is no batch-statistics path."""
+
+  def __init__(self, channels: int, *, affine: bool = True, eps: float = 1e-5):
+    self.affine, self.eps = affine, eps
+    if affine:
+      self.scale = nnx.Param(jnp.ones((channels,), jnp.float32))
+      self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+    self.running_mean = nnx.BatchStat(jnp.zeros((channels,), jnp.float32))
+    self.running_var = nnx.BatchStat(jnp.ones((channels,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = (x - self.running_mean[...]) * jax.lax.rsqrt(self.running_var[...] + self.eps)
+    return y * self.scale[...] + self.bias[...] if self.affine else y
