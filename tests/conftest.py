@@ -59,3 +59,17 @@ def torch_vae_factory(tmp_path):
   from diffusers import AutoencoderKL
 
   return _factory(tmp_path, AutoencoderKL, TINY_VAE, "vae")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A persistent compilation cache for one test module: a later run in it (the loop's own process or a resumed
+  run) reuses what an earlier test compiled instead of compiling the same step again."""
+  import jax
+
+  path = tmp_path_factory.mktemp("jax_cache")
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  yield path
+  jax.config.update("jax_compilation_cache_dir", None)

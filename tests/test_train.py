@@ -43,16 +43,6 @@ def demo_data(tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.mktemp("jax_cache")
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-
-
 def _args(data, workdir, steps, *extra):
   return ["--config", "configs/tiny.py", "--workdir", str(workdir), f"--config.total_steps={steps}",
           f"--config.data.path={data}", *FAST, *extra]  # fmt: skip

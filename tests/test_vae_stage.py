@@ -58,17 +58,6 @@ def data(tmp_path_factory):
   return root
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """A persistent compilation cache: the loop's run compiles the very step the first test compiled."""
-  path = tmp_path_factory.mktemp("jax_cache")
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  yield path
-  jax.config.update("jax_compilation_cache_dir", None)
-
-
 def _vae_config(data, **overrides):
   config = tiny.get_config("vae")
   config.data.update(path=str(data), resolution=RES, batch_size=4, exclude_identities=("gamma",))
