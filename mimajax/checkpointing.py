@@ -582,10 +582,12 @@ def checkpoint_params(path: str | os.PathLike, group: str, *, ema: bool = False)
   return intact_params(path, group, ema=ema)[1]
 
 
-def intact_params(path: str | os.PathLike, group: str, *, ema: bool = False) -> tuple[Path, dict]:
+def intact_params(path: str | os.PathLike, group: str, *, ema: bool = False,
+                  buffers: bool = False) -> tuple[Path, dict]:  # fmt: skip
   """(step folder, `checkpoint_params`): for a workdir, of its newest step whose parameters read back and match
   their checksums, a warning naming the damaged newer steps and the one used. Only the parameters are read, so
-  a step whose damage is in its optimizer state still serves inference. A step folder is read as it is."""
+  a step whose damage is in its optimizer state still serves inference. A step folder is read as it is.
+  buffers: also the group's carried non-parameter variables (BatchNorm statistics), under their own paths."""
   path = Path(path)
   if (path / CHECKPOINT_DIR).is_dir():
     steps = saved_steps(path)
@@ -597,7 +599,7 @@ def intact_params(path: str | os.PathLike, group: str, *, ema: bool = False) -> 
   damaged = []
   for step_dir in candidates:
     try:
-      flat = _group_params(step_dir, group, ema)
+      flat = _group_params(step_dir, group, ema, buffers)
     except CheckpointDamagedError as e:
       log.warning("%s", e)
       damaged.append((step_dir, str(e)))
@@ -612,7 +614,7 @@ def intact_params(path: str | os.PathLike, group: str, *, ema: bool = False) -> 
                                + "; ".join(r for _, r in damaged))  # fmt: skip
 
 
-def _group_params(step_dir: Path, group: str, ema: bool) -> dict[tuple[str, ...], np.ndarray]:
+def _group_params(step_dir: Path, group: str, ema: bool, buffers: bool = False) -> dict[tuple[str, ...], np.ndarray]:
   state_dir = (step_dir / "state").absolute()
   part = "params"
   if ema:
@@ -621,8 +623,10 @@ def _group_params(step_dir: Path, group: str, ema: bool) -> dict[tuple[str, ...]
     except Exception as e:  # noqa: BLE001
       raise CheckpointDamagedError(f"cannot read the checkpoint {state_dir}: {_brief(e)}") from e
     part = "ema_params" if tree.get("ema_params") else "params"
-  restored = read_state(state_dir, parts=(part,))
+  restored = read_state(state_dir, parts=(part, "buffers") if buffers else (part,))
   tree = restored.get(part)
+  if buffers and isinstance(tree, dict) and isinstance(restored.get("buffers"), dict) and group in restored["buffers"]:
+    tree = {**tree, group: _merge_trees(tree.get(group, {}), restored["buffers"][group])}
   if not isinstance(tree, dict):
     raise CheckpointReadError(f"{state_dir} holds no parameters (not a mimajax TrainState)")
   legacy = _is_legacy(step_dir)
@@ -643,6 +647,14 @@ def _group_params(step_dir: Path, group: str, ema: bool) -> dict[tuple[str, ...]
 
   collect((), tree)
   return flat
+
+
+def _merge_trees(a: dict, b: dict) -> dict:
+  """Two nested dicts of disjoint leaves (a group's parameters and its buffers) as one."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
 
 
 def _is_legacy(step_dir: Path) -> bool:

@@ -71,8 +71,9 @@ class Task:
   extra: Any = None  # family state carried in the TrainState (replicated), e.g. the identity memory bank
   update_extra: Callable[[Any, Mapping[str, dict], Mapping[str, jax.Array]], Any] | None = None  # (extra, aux, batch)
   init_params: Callable[[dict[str, nnx.State]], dict[str, nnx.State]] | None = None  # fresh run: pretrained / stage
-  write_samples: Callable[[Path, int, dict[str, nnx.State], Any, dict], Path | None] | None = None
-  # (workdir, step, parameters by group (EMA when kept), frozen on device, host batch) -> image written
+  write_samples: Callable[[Path, int, dict[str, nnx.State], Any, dict, Any], Path | None] | None = None
+  # (workdir, step, parameters by group (EMA when kept), frozen on device, host batch, buffers by group (BatchNorm
+  # statistics) or None) -> image written
 
 
 @dataclasses.dataclass(frozen=True)

@@ -278,11 +278,11 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
         break
       every = config.sample.every_steps if "sample" in config else 0
       if task.write_samples is not None and every and (step % every == 0 or step == total):
-        params, frozen = state.ema_params or state.params, run.frozen
+        params, frozen, buffers = state.ema_params or state.params, run.frozen, state.buffers
         if jax.process_count() > 1:  # parameters sharded across hosts: every host joins the gather
-          params, frozen = multihost_utils.process_allgather((params, frozen), tiled=True)
+          params, frozen, buffers = multihost_utils.process_allgather((params, frozen, buffers), tiled=True)
         if jax.process_index() == 0:
-          task.write_samples(workdir, step, params, frozen, host)
+          task.write_samples(workdir, step, params, frozen, host, buffers)
   finally:
     preempt.uninstall()
     ckpt.close()

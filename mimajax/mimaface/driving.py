@@ -34,7 +34,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ from mimajax import video_io
 from mimajax.face3d.coefficient_files import check_coefficients, read_coefficients
 from mimajax.face3d.coefficients import COEFFICIENT_SLICES, COEFFICIENT_WIDTHS, MOTION_GROUPS
 from mimajax.face3d.landmark_model import NUM_LANDMARKS
-from mimajax.faces import detection, motion_fit
+from mimajax.faces import detection, motion_fit, tracking
 
 PREVIEW_SIZE = 256  # side of the driving video's face crops kept for the side-by-side view
 BLEND_MODES = ("absolute", "relative")
@@ -71,27 +71,7 @@ def _slice(name: str) -> slice:
   return slice(*COEFFICIENT_SLICES[name])
 
 
-def _landmarker():
-  from mimajax.faces import landmarks as face_landmarks
-
-  try:
-    face_landmarks.check_available()
-    return face_landmarks.FaceLandmarker()
-  except face_landmarks.LandmarkerUnavailable as e:
-    raise ValueError(f"motion extraction from images is unavailable ({e}); pass coefficient files instead") from e
-
-
-def crop_landmarks(crops: Iterable[np.ndarray], side: int, what: str, max_gap: int = 12) -> np.ndarray:
-  """FaceMesh landmarks (T, 478, 3) of aligned face crops of `side` pixels, in 224-px crop pixels as the data
-  pipeline caches them, short gaps filled (the dataset's motion extraction, pass 1)."""
-  landmarks, found = _landmarker().track(crops)
-  filled = motion_fit.fill_gaps(motion_fit.to_fit_pixels(landmarks, side), found, max_gap)
-  if filled is None:
-    raise ValueError(
-      f"MediaPipe found a face in {int(found.sum())} of {len(found)} frames of {what} (gaps over {max_gap} frames "
-      "cannot be filled): the face must stay visible"
-    )
-  return filled
+crop_landmarks = tracking.crop_landmarks
 
 
 def motion_from_landmarks(landmarks: np.ndarray, face_model) -> np.ndarray:
@@ -113,14 +93,11 @@ def read_video_driver(path, *, max_frames: int | None = None, previews: bool = F
   `estimator`: None for rows from the landmarks later (`with_motion`), or a callable (crops, landmarks) -> rows
   (T, 261) that computes them now from a third pass over the crops (mimajax.faces.d3dfr_motion.D3DFRMotion.rows).
   """
-  box = detection.video_face_box(video_io.iter_video(path, max_frames))
-  if box is None:
-    raise ValueError(f"no face found in the driving video {path}: the Haar detector saw none in its frames")
+  box, stream = tracking.video_crops(path, max_frames)
   kept = []
 
   def crops(keep: bool = previews):
-    for frame in video_io.iter_video(path, max_frames):
-      crop = detection.crop_and_resize(frame, box, box[2])  # at the crop's own size, as the pipeline: no detail lost
+    for crop in stream():
       if keep:
         kept.append(detection.crop_and_resize(crop, None, PREVIEW_SIZE))
       yield crop

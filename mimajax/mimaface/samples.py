@@ -34,7 +34,7 @@ class SampleWriter:
     self.vae_graphdef = vae_graphdef
     self.sampler = None
 
-  def __call__(self, workdir: Path, step: int, params: dict, frozen: dict, host_batch: dict) -> Path:
+  def __call__(self, workdir: Path, step: int, params: dict, frozen: dict, host_batch: dict, buffers=None) -> Path:
     config = self.config
     n = min(config.sample.count, len(host_batch["identity"]))
     model = nnx.merge(self.graphdef, params[self.group], self.rest)

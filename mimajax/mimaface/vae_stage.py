@@ -259,7 +259,7 @@ class SampleWriter:
 
     self._run = run
 
-  def __call__(self, workdir: Path, step: int, params: dict, frozen: dict, host_batch: dict) -> Path:
+  def __call__(self, workdir: Path, step: int, params: dict, frozen: dict, host_batch: dict, buffers=None) -> Path:
     images = jnp.asarray(host_batch["frames"], jnp.float32) / 127.5 - 1.0
     rec, std = self._run(params[GROUP], images, jax.random.fold_in(jax.random.key(self.config.seed + 3), step))
     n = min(self.config.sample.count, images.shape[0])
