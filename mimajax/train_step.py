@@ -126,13 +126,18 @@ def usable_params(*trees) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
+# A prepared batch may carry, under this key, networks its losses read but never train (a perceptual loss's VGG,
+# LPIPS): they pass to every micro-batch whole, where every other entry is split along its first (sample) axis.
+SHARED_KEY = "shared"
+
+
 def _split_micro(batch: Mapping[str, jax.Array], n: int) -> dict[str, jax.Array]:
   def split(x):
     if x.shape[0] % n:
       raise ValueError(f"batch of {x.shape[0]} does not split into {n} accumulation micro-batches")
     return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
-  return {k: split(v) for k, v in batch.items()}
+  return {k: split(v) for k, v in batch.items() if k != SHARED_KEY}
 
 
 def _join_micro(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -202,6 +207,8 @@ def make_train_step(
 
       def body(carry, xs):  # the group's statistics advance micro-batch by micro-batch, as in one large batch
         i, mb = xs
+        if SHARED_KEY in batch:
+          mb = {**mb, SHARED_KEY: batch[SHARED_KEY]}
         total, summed, bufs = carry
         (l, (a, b)), g = grads_of(group, state, bufs, mb, jax.random.fold_in(rng, i))
         bufs = {**bufs, group: b} if b is not None else bufs

@@ -98,6 +98,31 @@ def test_gradient_accumulation_equals_the_large_batch():
     step_acc(acc, _batch(n=6))
 
 
+def weighted_mse(modules, batch, rng, extra):
+  """A loss reading a network-like entry of the batch (train_step.SHARED_KEY) that is not split into micro-batches."""
+  del rng, extra
+  shared = batch[train_step.SHARED_KEY]
+  loss = jnp.mean(shared["weights"][:, 0] * (modules["model"](batch["x"])[:, 0] - batch["y"]) ** 2) * shared["scale"]
+  return loss, {"mse": loss}
+
+
+def test_accumulation_passes_the_shared_entry_whole():
+  """An 8-row weight table under SHARED_KEY with 4 micro-batches of 2 rows: split, its shape would not match."""
+  shared = {"weights": jnp.full((2, 1), 2.0), "scale": jnp.float32(0.5)}  # (2, 1): broadcast over 2 rows only
+  results = []
+  for n in (1, 4):
+    state, step = _step_for(weighted_mse, [".*"], accumulation_steps=n)
+    for i in range(2):
+      batch = {**_batch(n=2 * n, seed=i), train_step.SHARED_KEY: shared}
+      if n == 1:  # the same 8 samples in one batch: weights broadcast over the rows as a (1,) column
+        batch = {**_batch(n=8, seed=i), train_step.SHARED_KEY: {"weights": jnp.full((1, 1), 2.0), "scale": 0.5}}
+      state, metrics = jax.jit(step)(state, batch)
+    results.append((float(metrics["loss"]), _flat(state.params)))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+  for k, v in results[0][1].items():
+    np.testing.assert_allclose(results[1][1][k], v, rtol=1e-5, atol=1e-7)
+
+
 def test_non_finite_step_keeps_the_state_and_names_the_step():
   state, step = _setup([".*"])
   state, _ = step(state, _batch())

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from data_pipeline import loader, records
-from mimajax import families, video_io
+from mimajax import families, train_step, video_io
 from mimajax.convert import diffusers_format
 from mimajax.errors import CheckpointReadError
 from mimajax.metrics import image as image_metrics
@@ -83,9 +83,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"the VAE stage trains on single frames: config.data.num_frames must be 1, got {d.num_frames}")
   if d.resolution % (2 ** (len(config.model.vae.block_out_channels) - 1)):
     raise ValueError(f"config.data.resolution={d.resolution} must be a multiple of the VAE's downsampling factor")
-  # The LPIPS weights travel in the prepared batch, which accumulation would try to split into micro-batches.
-  if config.train.accumulation_steps != 1:
-    raise ValueError("the VAE stage does not accumulate gradients: set config.train.accumulation_steps=1")
   if config.eval.every_steps:
     raise ValueError("config.eval.every_steps: a VAE-stage run animates nothing; evaluate it with --eval (see docs)")
   if not config.sample.every_steps:
@@ -158,7 +155,7 @@ def make_losses(config: ml_collections.ConfigDict) -> dict:
     post, rec = reconstruct(modules[GROUP], x, rng if s.sample_posterior else None)
     l1 = jnp.mean(jnp.abs(rec - x))
     mse = jnp.mean(jnp.square(rec - x))
-    perceptual = jnp.mean(lpips._distance(net, batch["lpips"], rec * 0.5 + 0.5, x * 0.5 + 0.5))
+    perceptual = jnp.mean(lpips._distance(net, batch[train_step.SHARED_KEY]["lpips"], rec * 0.5 + 0.5, x * 0.5 + 0.5))
     kl = jnp.mean(post.kl()) / values
     loss = l1 + s.mse_weight * mse + s.perceptual_weight * perceptual + s.kl_weight * kl
     aux = dict(l1=l1, mse=mse, lpips=perceptual, kl=kl * values, latent_std=jnp.std(post.mean))
@@ -218,7 +215,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: Path) -> families.Tas
 
   def prepare(frozen, batch):
     images = batch["frames"].astype(jnp.float32) / 127.5 - 1.0
-    return {"images": images, "lpips": frozen["lpips"]}
+    return {"images": images, train_step.SHARED_KEY: {"lpips": frozen["lpips"]}}  # whole in every micro-batch
 
   return families.Task(
     modules=modules,
