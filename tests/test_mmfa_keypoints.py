@@ -148,3 +148,153 @@ def test_jit_and_grad():
   value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(logits, x_c)
   assert np.isfinite(float(value))
   assert all(np.all(np.isfinite(np.asarray(g))) and np.abs(np.asarray(g)).sum() > 0 for g in grads)
+
+
+# ----------------------------------------------------------------------------------------- eq. 4: expression
+
+
+def _torch_expression(image_channel, block_expansion, num_blocks, exp_dim, num_kp, hidden, flatten_side=None):
+  """Our reading of appendix A.1 in torch (face-vid2vid's ResBottleneck transcribed), with our attribute names."""
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  class ResBottleneck(nn.Module):  # face-vid2vid modules/util.py
+    def __init__(self, c, stride):
+      super().__init__()
+      self.conv1, self.conv2 = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c // 4, 3, padding=1, stride=stride)
+      self.conv3 = nn.Conv2d(c // 4, c, 1)
+      self.norm1, self.norm2, self.norm3 = nn.BatchNorm2d(c // 4), nn.BatchNorm2d(c // 4), nn.BatchNorm2d(c)
+      self.skip, self.norm4 = nn.Conv2d(c, c, 1, stride=stride), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+      out = F.relu(self.norm1(self.conv1(x)))
+      out = F.relu(self.norm2(self.conv2(out)))
+      return F.relu(self.norm3(self.conv3(out)) + self.norm4(self.skip(x)))
+
+  class Encoder(nn.Module):
+    def __init__(self):
+      super().__init__()
+      widths = [block_expansion * 2 ** (i + 2) for i in range(num_blocks)]
+      self.conv1 = nn.Conv2d(image_channel, block_expansion, 7, stride=2, padding=3)
+      self.channel_convs = nn.ModuleList(nn.Conv2d(a, b, 1) for a, b in zip([block_expansion] + widths, widths))
+      self.channel_norms = nn.ModuleList(nn.BatchNorm2d(w) for w in widths)
+      self.blocks = nn.ModuleList(ResBottleneck(w, 2) for w in widths)
+      self.fc = nn.Linear(widths[-1] * (flatten_side or 1) ** 2, exp_dim)
+
+    def forward(self, x):
+      x = F.max_pool2d(F.relu(self.conv1(x)), 3, 2, 1)
+      for conv, norm, block in zip(self.channel_convs, self.channel_norms, self.blocks):
+        x = block(F.relu(norm(conv(x))))
+      x = x.view(x.shape[0], -1) if flatten_side else x.mean((2, 3))
+      return self.fc(x)
+
+  class Decoder(nn.Module):
+    def __init__(self):
+      super().__init__()
+      sizes = [exp_dim + 3 * num_kp, *hidden]
+      self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+      self.norms = nn.ModuleList(nn.BatchNorm1d(b) for b in sizes[1:])
+      self.out = nn.Linear(sizes[-1], 3 * num_kp)
+
+    def forward(self, f, x_c):
+      x = torch.cat([f, x_c.reshape(x_c.shape[0], -1)], -1)
+      for layer, norm in zip(self.layers, self.norms):
+        x = F.relu(norm(layer(x)))
+      return self.out(x).view(-1, num_kp, 3)
+
+  return Encoder(), Decoder()
+
+
+def _load_from_torch(module, reference):
+  """A torch module's state into the nnx module with the same attribute names (lists as indices)."""
+  from mimajax.mmfa import blocks
+
+  for key, value in reference.state_dict().items():
+    *path, leaf = key.split(".")
+    if leaf == "num_batches_tracked":
+      continue
+    target = module
+    for part in path:
+      target = target[int(part)] if part.isdigit() else getattr(target, part)
+    v = value.detach().numpy()
+    if isinstance(target, blocks.BatchNorm):
+      name = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}[leaf]
+    elif leaf == "weight":  # (out, in, *k) -> (*k, in, out)
+      name, v = "kernel", np.transpose(v, (*range(2, v.ndim), 1, 0))
+    else:
+      name = leaf
+    variable = getattr(target, name)
+    assert variable[...].shape == v.shape, key
+    variable[...] = jnp.asarray(v)
+
+
+def _randomise_bn_(module, seed):
+  import torch
+
+  g = torch.Generator().manual_seed(seed)
+  for m in module.modules():
+    if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+      n = m.num_features
+      m.weight.data = 1 + 0.3 * torch.randn(n, generator=g)
+      m.bias.data = 0.3 * torch.randn(n, generator=g)
+      m.running_mean.data = 0.2 * torch.randn(n, generator=g)
+      m.running_var.data = 1 + 0.5 * torch.rand(n, generator=g)
+  return module
+
+
+def test_expression_encoder_decoder_match_torch_in_train_and_eval():
+  import torch
+  from flax import nnx
+
+  from conftest import nchw
+  from mimajax.mmfa.expression import ExpressionDecoder, ExpressionEncoder
+
+  torch.manual_seed(0)
+  sizes = dict(image_channel=3, block_expansion=8, num_blocks=2, exp_dim=6)
+  k, hidden = 4, (16, 12)
+  for flatten_side in (None, 2):
+    t_enc, t_dec = (_randomise_bn_(m, 1) for m in _torch_expression(**sizes, num_kp=k, hidden=hidden,
+                                                                    flatten_side=flatten_side))  # fmt: skip
+    enc = ExpressionEncoder(**sizes, image_size=32 if flatten_side else None, rngs=nnx.Rngs(0))
+    dec = ExpressionDecoder(exp_dim=6, num_kp=k, hidden=hidden, rngs=nnx.Rngs(1))
+    assert float(jnp.abs(dec(jnp.ones((2, 6)), jnp.ones((2, k, 3)))).max()) == 0.0  # zero-initialised: delta = 0
+    _load_from_torch(enc, t_enc)
+    torch.nn.init.normal_(t_dec.out.weight, std=0.3)  # a non-zero last layer, to compare it
+    _load_from_torch(dec, t_dec)
+    rng = np.random.default_rng(10)
+    image = rng.uniform(size=(3, 32, 32, 3)).astype(np.float32)
+    x_c = rng.uniform(-1, 1, size=(3, k, 3)).astype(np.float32)
+    for mode in ("train", "eval") if flatten_side is None else ("train",):  # the flattening is mode-independent
+      for m in (t_enc, t_dec, enc, dec):
+        getattr(m, mode)()
+      with torch.no_grad():
+        f_ref = t_enc(torch.from_numpy(nchw(image)))
+        d_ref = t_dec(f_ref, torch.from_numpy(x_c))
+      f = enc(image)
+      d = dec(f, x_c)
+      assert f.shape == (3, 6) and d.shape == (3, k, 3)
+      np.testing.assert_allclose(np.asarray(f), f_ref.numpy(), atol=2e-4, err_msg=mode)
+      np.testing.assert_allclose(np.asarray(d), d_ref.numpy(), atol=2e-4, err_msg=mode)
+    # the training pass updated the running statistics as torch's did
+    np.testing.assert_allclose(np.asarray(enc.channel_norms[0].var[...]), t_enc.channel_norms[0].running_var.numpy(),
+                               atol=1e-5)  # fmt: skip
+
+  # jit + grad, in training mode
+  enc.train()
+  dec.train()
+  dec.out.kernel[...] = jnp.zeros_like(dec.out.kernel[...])  # back to the zero start
+
+  @nnx.jit
+  def step(enc, dec):
+    def loss(enc, dec):
+      f = enc(image)
+      # linear in delta: a squared loss would have no gradient at the zero-initialised delta
+      return jnp.sum(dec(f, x_c) * jnp.arange(3.0 * k).reshape(k, 3)) + jnp.sum(f**2)
+
+    return nnx.value_and_grad(loss, argnums=(0, 1))(enc, dec)
+
+  value, (g_enc, g_dec) = step(enc, dec)
+  assert np.isfinite(float(value))
+  assert float(jnp.abs(g_dec.out.kernel[...]).sum()) > 0  # the zero last layer still learns
+  assert float(jnp.abs(g_enc.conv1.kernel[...]).sum()) > 0
