@@ -314,3 +314,17 @@ def test_losses_jit_and_grad():
   for g in grads:
     g = np.asarray(g)
     assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+
+
+def test_similarity_augmentation_is_a_bounded_rotation_scaling_translation():
+  tr = jax.jit(lambda k: RandomTransform.similarity(k, 500))(jax.random.key(7))
+  a = np.asarray(tr.theta)[:, :, :2]
+  scale = np.sqrt(np.linalg.det(a))
+  r = a / scale[:, None, None]  # a scaled rotation: r is orthogonal
+  np.testing.assert_allclose(r @ np.swapaxes(r, 1, 2), np.broadcast_to(np.eye(2), a.shape), atol=1e-5)
+  angle = np.degrees(np.arctan2(a[:, 1, 0], a[:, 0, 0]))
+  assert np.abs(angle).max() <= 15.0 + 1e-4 and np.abs(angle).max() > 10.0
+  assert scale.min() >= 0.9 - 1e-5 and scale.max() <= 1.1 + 1e-5
+  assert np.abs(np.asarray(tr.theta)[:, :, 2]).max() <= 0.1 + 1e-6
+  image = jnp.asarray(np.random.default_rng(12).uniform(size=(500, 8, 8, 3)), jnp.float32)
+  assert tr.transform_frame(image).shape == image.shape

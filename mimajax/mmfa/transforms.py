@@ -11,6 +11,8 @@ zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis modules/model.
 So a point seen at q in the transformed frame is at warp_coordinates(q) in the original: the equivariance loss
 compares kp_driving with warp_coordinates(kp_transformed) (the paper's T^-1 of eq. 15 is this coordinate warp).
 sigma_tps = 0 (or points_tps = 0) leaves the affine part alone, as face-vid2vid's Transform without TPS.
+`RandomTransform.similarity` draws the rotation + scaling + translation that eq. 7's self-supervised
+representation loss applies to the driver (sec. 3.2); it warps images the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ SIGMA_AFFINE = 0.05  # face-vid2vid config/vox-256.yaml transform_params
 SIGMA_TPS = 0.005
 POINTS_TPS = 5
 TPS_EPS = 1e-6
+# eq. 7's augmentation ranges (the paper gives none): ours
+MAX_ROTATION = 15.0  # degrees
+SCALE_RANGE = (0.9, 1.1)
+MAX_TRANSLATION = 0.1  # normalised units, 5 % of the image side
 
 
 class RandomTransform(NamedTuple):
@@ -46,6 +52,20 @@ class RandomTransform(NamedTuple):
       control_points = jnp.zeros((0, 2), jnp.float32)
     params = sigma_tps * jax.random.normal(k_tps, (batch, control_points.shape[0]))
     return cls(theta, control_points, params)
+
+  @classmethod
+  def similarity(cls, key: jax.Array, batch: int, *, max_rotation: float = MAX_ROTATION, scale_range=SCALE_RANGE,
+                 max_translation: float = MAX_TRANSLATION) -> RandomTransform:  # fmt: skip
+    """Eq. 7's augmentation: a random rotation (uniform +-max_rotation degrees), isotropic scaling (uniform in
+    scale_range) and translation (uniform +-max_translation per axis, normalised units) per image, no TPS. The paper
+    names the three kinds but not their ranges; ours keep the face in the frame."""
+    k_rot, k_scale, k_shift = jax.random.split(key, 3)
+    angle = jnp.deg2rad(jax.random.uniform(k_rot, (batch,), minval=-max_rotation, maxval=max_rotation))
+    scale = jax.random.uniform(k_scale, (batch,), minval=scale_range[0], maxval=scale_range[1])
+    shift = jax.random.uniform(k_shift, (batch, 2), minval=-max_translation, maxval=max_translation)
+    c, s = jnp.cos(angle) * scale, jnp.sin(angle) * scale
+    theta = jnp.stack([jnp.stack([c, -s, shift[:, 0]], -1), jnp.stack([s, c, shift[:, 1]], -1)], axis=-2)
+    return cls(theta, jnp.zeros((0, 2), jnp.float32), jnp.zeros((batch, 0), jnp.float32))
 
   def warp_coordinates(self, coordinates: jax.Array) -> jax.Array:
     """(N or 1, P, 2) coordinates (x, y) -> (N, P, 2) warped by this batch's transforms."""
