@@ -117,6 +117,10 @@ def test_appearance_volume_and_batchnorm_train_vs_eval():
 
   with pytest.raises(ValueError, match="reshape_channel"):
     AppearanceFeatureExtractor(**{**GEN, "max_features": 30}, rngs=nnx.Rngs(0))
+  # face-vid2vid's SPADE generator (the Vox-256-New release) has a 3x3 `first`, its original one 7x7.
+  assert net.first.conv.kernel.shape == (7, 7, 3, 8)
+  spade_first = AppearanceFeatureExtractor(**GEN, first_kernel_size=3, rngs=nnx.Rngs(0))
+  assert spade_first.first.conv.kernel.shape == (3, 3, 3, 8)
 
 
 # ----------------------------------------------------------------------------- dense motion

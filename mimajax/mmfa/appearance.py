@@ -1,7 +1,7 @@
 """MMFA's appearance feature extractor (sec. 3.1, appendix A.1): the source image as a 3-D feature volume f_s.
 
 face-vid2vid's OcclusionAwareGenerator encoder (zhanglonghao1992/One-Shot_Free-View_Neural_Talking_Head_Synthesis
-modules/generator.py): `first` (7x7 SameBlock2d), `down_blocks` (DownBlock2d's), `second` (1x1 conv to
+modules/generator.py): `first` (SameBlock2d, 7x7 or 3x3), `down_blocks` (DownBlock2d's), `second` (1x1 conv to
 max_features channels), a reshape to reshape_channel x reshape_depth, `resblocks_3d` (ResBlock3d's). The attribute
 names are the generator's, so a checkpoint's generator.first / down_blocks / second / resblocks_3d keys map by name
 (torch's Sequential children 3dr0.. are list indices here).
@@ -18,7 +18,8 @@ from mimajax.mmfa.blocks import Conv2D, DownBlock2d, ResBlock3d, SameBlock2d, ch
 class AppearanceFeatureExtractor(nnx.Module):
   """image (N, H, W, image_channel) -> f_s (N, reshape_depth, H / 2^num_down_blocks, W / 2^num_down_blocks,
   reshape_channel). Takes face-vid2vid's generator_params; estimate_occlusion_map (the dense motion's) is accepted
-  so the section can be passed whole, and unused here."""
+  so the section can be passed whole, and unused here. first_kernel_size: 7 in face-vid2vid's
+  OcclusionAwareGenerator (its Beta checkpoint), 3 in its OcclusionAwareSPADEGenerator (the Vox-256-New release)."""
 
   def __init__(
     self,
@@ -30,6 +31,7 @@ class AppearanceFeatureExtractor(nnx.Module):
     reshape_depth: int,
     num_resblocks: int,
     image_channel: int = 3,
+    first_kernel_size: int = 7,
     estimate_occlusion_map: bool | None = None,
     rngs: nnx.Rngs,
   ):
@@ -39,7 +41,8 @@ class AppearanceFeatureExtractor(nnx.Module):
         f"AppearanceFeatureExtractor: max_features={max_features} must be reshape_channel x reshape_depth "
         f"({reshape_channel} x {reshape_depth}), the channels `second` reshapes into the volume"
       )
-    self.first = SameBlock2d(image_channel, block_expansion, kernel_size=7, padding=3, rngs=rngs)
+    k = first_kernel_size
+    self.first = SameBlock2d(image_channel, block_expansion, kernel_size=k, padding=k // 2, rngs=rngs)
     widths = [min(max_features, block_expansion * (2**i)) for i in range(num_down_blocks + 1)]
     self.down_blocks = nnx.List([DownBlock2d(widths[i], widths[i + 1], rngs=rngs) for i in range(num_down_blocks)])
     self.second = Conv2D(widths[-1], max_features, 1, rngs=rngs)
