@@ -15,6 +15,8 @@ the check functions.
   identity          ir101 (CurricularFace IR-101 vs a PyTorch IR-101 with the release's names)
   d3dfr             Deep3DFaceRecon's ReconNet (ResNet-50 + final layers, the release's gaze layer) vs PyTorch
   face_features     face_features (the release MIA's 25088-d input: alignment, warp, crop, IR-101; uses identity's twin)
+  mmfa              mmfa_init (MMFA's face-vid2vid modules filled from a saved face-vid2vid checkpoint vs its PyTorch
+                    transcription, mimajax/mmfa/pytorch/face_vid2vid.py; eval and train mode)
 
 The metric checks compare against their own bound (TOLERANCES), not the models' PARITY_TOLERANCE.
 
@@ -55,6 +57,7 @@ fid_parity = _lazy("fid", "fid_parity")
 ir101_parity = _lazy("identity", "ir101_parity")
 d3dfr_parity = _lazy("d3dfr", "d3dfr_parity")
 face_features_parity = _lazy("face_features", "face_features_parity")
+mmfa_init_parity = _lazy("mmfa", "mmfa_init_parity")
 
 COMPONENTS = {
   "unet": unet_parity,
@@ -70,10 +73,12 @@ COMPONENTS = {
   "ir101": ir101_parity,
   "face_features": face_features_parity,
   "d3dfr": d3dfr_parity,
+  "mmfa_init": mmfa_init_parity,
 }
 # Bounds on rel_err per component (the metrics' references are exact algorithms, so most are tighter).
 TOLERANCES = {"ssim": 1e-5, "lpips": 1e-4, "inception": 1e-4, "fid": 1e-6, "ir101": 1e-4, "face_features": 1e-4}
 TOLERANCES["d3dfr"] = 1e-4
+TOLERANCES["mmfa_init"] = 1e-4
 
 __all__ = [
   "COMPONENTS",
