@@ -123,14 +123,17 @@ def _inputs(model_params: Mapping, px: int, batch: int, seed: int) -> dict[str, 
 
 
 def _torch_forward_all(nets: dict, x: Mapping[str, np.ndarray], scales) -> None:
-  """One forward of every network (to move BatchNorm statistics / spectral-norm vectors in training mode)."""
+  """One forward of every compared network (to move BatchNorm statistics / spectral-norm vectors in training
+  mode); the generator up to third + fourth (its decoder is not MMFA's, and at vox-256 the costliest part)."""
   import torch
 
-  t = {k: torch.from_numpy(v) for k, v in x.items()}
   image = torch.from_numpy(nchw(x["image"]))
+  kp_driving, kp_source = ({"value": torch.from_numpy(x[k])} for k in ("kp_driving", "kp_source"))
   nets["kp_detector"](image)
   nets["he_estimator"](image)
-  nets["generator"](image, {"value": t["kp_driving"]}, {"value": t["kp_source"]})
+  g = nets["generator"]
+  volume = g.appearance(image)
+  g.to_2d(g.deform(volume, g.dense_motion_network(volume, kp_driving, kp_source)["deformation"]))
   nets["discriminator"]({f"prediction_{s}": torch.from_numpy(nchw(x[f"prediction_{s}"])) for s in scales})
 
 
@@ -282,12 +285,14 @@ def _set_mode(nets: dict, modules: dict, train: bool) -> None:
 
 def mmfa_init_parity(size: str = "tiny", seed: int = 0, log: Callable[[str], None] = print, batch: int = 2,
                      generator_kind: str = "spade", train: bool = True, floor: bool = True,
-                     **kw) -> float:  # fmt: skip
+                     reference_dtype: str | None = None, **kw) -> float:  # fmt: skip
   """face-vid2vid's PyTorch modules vs MMFA's JAX modules filled from their saved checkpoint; the largest rel_err.
 
-  The reference runs in float64 (the same float32 weights), so a figure is the JAX side's own error; each line also
-  shows torch's float32 result against it: the float32 floor of these random weights (the head estimator's trunk
-  amplifies rounding most: at vox-256's 16 bottlenecks torch's own float32 result is ~1e-4 off).
+  The reference runs in float64 (the same float32 weights; reference_dtype, default float64 at tiny size), so a
+  figure is the JAX side's own error; each line also shows torch's float32 result against it: the float32 floor of
+  these random weights (the head estimator's trunk amplifies rounding most: with all 16 of its bottlenecks, at tiny
+  widths, torch's own float32 result was 1.1e-4 off). At vox-256 the reference is float32: torch's float64 Conv3d
+  on CPU unfolds the dense motion's 7x7x7 mask conv into a ~20 GB buffer.
   size "tiny" (64 px, fmt.TINY) or "vox256" (256 px, config/vox-256.yaml; the CLI's "sd15" means it too).
   generator_kind: the reference generator, "spade" (the Vox-256-New release: OcclusionAwareSPADEGenerator, `first`
   3x3) or "original" (the Beta release: OcclusionAwareGenerator, `first` 7x7). train: also compare training mode
@@ -300,6 +305,7 @@ def mmfa_init_parity(size: str = "tiny", seed: int = 0, log: Callable[[str], Non
   from mimajax.mmfa.pytorch import face_vid2vid as ref
 
   model_params = copy.deepcopy(SIZES[size])
+  reference_dtype = reference_dtype or ("float64" if size == "tiny" else "float32")
   scales = model_params["discriminator_params"]["scales"]
   px = IMAGE_SIZE[size]
   if size != "tiny":
@@ -317,21 +323,26 @@ def mmfa_init_parity(size: str = "tiny", seed: int = 0, log: Callable[[str], Non
     report = fmt.init_from_face_vid2vid(path, modules, log_fn=lambda line: log("  " + line))
     t_import = time.perf_counter() - t0
   entries, _, _ = fmt.key_map(modules)
-  log(f"mmfa_init parity ({size}, {px} px, batch {batch}, generator {generator_kind!r}, random weights): "
+  log(f"mmfa_init parity ({size}, {px} px, batch {batch}, generator {generator_kind!r}, random weights, "
+      f"reference in {reference_dtype}): "
       f"{sum(len(v) for v in report.filled.values())} variables filled; import exact to "
       f"{_import_error(nets, modules, entries):.1e}")  # fmt: skip
-  nets64 = {name: copy.deepcopy(net).double() for name, net in nets.items()}
+  exact_dtype = getattr(torch, reference_dtype)
+  floor = floor and exact_dtype != torch.float32
+  nets_ref = nets
+  if exact_dtype != torch.float32:
+    nets_ref = {name: copy.deepcopy(net).to(exact_dtype) for name, net in nets.items()}
   x = _inputs(model_params, px, batch, seed)
   t0 = time.perf_counter()
   errs, floors = {}, {}
   for mode in ("eval", "train") if train else ("eval",):
     _set_mode(nets, modules, mode == "train")
-    _set_mode(nets64, {}, mode == "train")
-    exact = reference_outputs(nets64, x, scales, torch.float64)
+    _set_mode(nets_ref, {}, mode == "train")
+    exact = reference_outputs(nets_ref, x, scales, exact_dtype)
     torch32 = reference_outputs(nets, x, scales, torch.float32) if floor else {}
     ours = our_outputs(modules, x, exact, scales)
     if mode == "train":  # the buffers the pass updated
-      exact.update(_buffers(entries, nets=nets64))
+      exact.update(_buffers(entries, nets=nets_ref))
       torch32.update(_buffers(entries, nets=nets) if floor else {})
       ours.update(_buffers(entries, modules=modules))
     for k in exact:

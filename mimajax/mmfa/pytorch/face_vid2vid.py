@@ -35,8 +35,8 @@ BatchNorm2d, BatchNorm3d = nn.BatchNorm2d, nn.BatchNorm3d
 
 
 def coordinate_grid_3d(d: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
-  """(d, h, w, 3) grid of (x, y, z), each linspace(-1, 1) over its axis (grid_sample's order: x is width)."""
-  z, y, x = (torch.linspace(-1.0, 1.0, n, dtype=like.dtype, device=like.device) for n in (d, h, w))
+  """(d, h, w, 3) grid of (x, y, z), each 2 i / (n - 1) - 1 over its axis (grid_sample's order: x is width)."""
+  z, y, x = (2 * (torch.arange(n, dtype=like.dtype, device=like.device) / (n - 1)) - 1 for n in (d, h, w))
   zz, yy, xx = torch.meshgrid(z, y, x, indexing="ij")
   return torch.stack([xx, yy, zz], dim=-1)
 
