@@ -40,6 +40,14 @@ class ExpressionStandIn(nnx.Module):
     self.w = nnx.Param(np.ones(3, np.float32))
 
 
+class Container(nnx.Module):
+  """Holds modules as attributes, as the MMFA model (the training loop's "generator" group) does."""
+
+  def __init__(self, parts):
+    for name, module in parts.items():
+      setattr(self, name, module)
+
+
 def test_parity_command_tiny_within_tolerance(capsys):
   assert "mmfa_init" in parity.COMPONENTS and parity.TOLERANCES["mmfa_init"] == 1e-4
   assert cli.main(["parity", "--component", "mmfa_init"]) == 0
@@ -105,6 +113,19 @@ def test_report_lists_filled_new_and_unused(checkpoints):
   np.testing.assert_array_equal(modules["expression_encoder"].w[...], 1.0)
   assert any(line.startswith("  new    generator") and "up_blocks" in line for line in lines)
   assert any("unused 2 checkpoint entries: face-vid2vid's expression deltas" in line for line in lines)
+
+
+def test_a_model_holding_the_parts_stands_for_them(checkpoints):
+  nets, path = checkpoints["spade"]
+  parts = parity_mmfa.zero_jax_modules(fmt.TINY, "spade")
+  discriminator = parts.pop("discriminator")
+  model = Container({**parts, "expression_encoder": ExpressionStandIn()})
+  report = fmt.init_from_face_vid2vid(path, {"generator": model, "discriminator": discriminator})
+  assert set(report.filled) == MAPPED and report.new["expression_encoder"] == ["<all>"]
+  np.testing.assert_array_equal(model.kp_detector.kp.bias[...], nets["kp_detector"].state_dict()["kp.bias"])
+  np.testing.assert_array_equal(model.generator.fourth.bias[...], nets["generator"].state_dict()["fourth.bias"])
+  with pytest.raises(ValueError, match="none of"):
+    fmt.init_from_face_vid2vid(path, {"expression_encoder": ExpressionStandIn()})
 
 
 def _corrupt(path, tmp_path, how: str):

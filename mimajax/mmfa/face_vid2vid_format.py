@@ -230,15 +230,33 @@ def _variables(module: nnx.Module) -> dict[tuple, tuple[int, ...]]:
   return out
 
 
+def face_vid2vid_parts(modules: Mapping[str, nnx.Module]) -> dict[str, nnx.Module]:
+  """The given modules by part name. A module whose own children carry part names (the MMFA model: the training
+  loop's "generator" group) stands for its children, under their attribute names; the others keep their names.
+  Raises ValueError when no face-vid2vid part is among them (an import that would fill nothing)."""
+  out: dict[str, nnx.Module] = {}
+  for name, module in modules.items():
+    children = {k: v for k, v in vars(module).items() if isinstance(v, nnx.Module)}
+    expand = any(k in PARTS for k in children)
+    for key, child in (children if expand else {name: module}).items():
+      if key in out:
+        raise ValueError(f"face-vid2vid init: two modules named {key!r} among {sorted(modules)}")
+      out[key] = child
+  if not any(name in PARTS for name in out):
+    raise ValueError(f"face-vid2vid init: none of {sorted(modules)} is (or holds) one of {sorted(PARTS)}")
+  return out
+
+
 def key_map(modules: Mapping[str, nnx.Module]) -> tuple[list[Entry], dict[str, list[str]], list[str]]:
-  """(filled entries, {module: new variable paths}, given modules that are not face-vid2vid's) of the modules.
+  """(filled entries, {module: new variable paths}, given modules that are not face-vid2vid's) of the modules
+  (by part name, or containers of them: see face_vid2vid_parts).
 
   Raises AssertionError when a mapped module has a variable that is neither filled nor listed as new, whose key
   falls outside its part, or two variables map to one key: the map is out of date with the module (a programming
   error, not the checkpoint's).
   """
   entries, new, foreign, seen = [], {}, [], {}
-  for name, module in modules.items():
+  for name, module in face_vid2vid_parts(modules).items():
     part = PARTS.get(name)
     if part is None:
       foreign.append(name)
@@ -385,6 +403,7 @@ def plan(modules: Mapping[str, nnx.Module], shapes: Mapping[str, tuple], other: 
   """The strict check of a checkpoint's keys and shapes ({key: shape}; e.g. a torch model on the meta device)
   against the modules, no values needed: raises CheckpointKeyError listing every missing, unexpected and mis-shaped
   key (and a keypoint anti-aliasing buffer that disagrees with the detector's scale_factor)."""
+  modules = face_vid2vid_parts(modules)
   entries, new, foreign = key_map(modules)
   by_key = {e.key: e for e in entries}
   unused: dict[str, list[str]] = {}
@@ -435,13 +454,16 @@ def _placed(value: np.ndarray, var: nnx.Variable) -> jax.Array:
 def init_from_face_vid2vid(path: str | os.PathLike, modules: Mapping[str, nnx.Module],
                            log_fn: Callable[[str], None] | None = None) -> InitReport:  # fmt: skip
   """Fills the face-vid2vid parts of MMFA's modules ({'appearance', 'kp_detector', 'head_estimator',
-  'dense_motion', 'generator', 'discriminator', ...: module}) in place from a released checkpoint.
+  'dense_motion', 'generator', 'discriminator', ...: module}, or containers of them such as the MMFA model:
+  {'generator': MMFA, 'discriminator': MultiScaleDiscriminator}) in place from a released checkpoint. Parameters
+  and buffers alike: BatchNorm running averages and spectral-norm vectors are nnx.BatchStat variables here.
 
   Strict: every key the map expects must be in the file with its shape, and every key of a mapped section must
   be mapped or listed as unused, else CheckpointKeyError lists all that is wrong and nothing is written. Modules
   the map does not know (the expression encoder / decoder) are left as they are and reported new. Returns (and
   logs) the report of what was filled, what stays new and what of the file is not used.
   """
+  modules = face_vid2vid_parts(modules)
   arrays, other = read_checkpoint(path)
   where = os.fspath(path)
   entries, report = plan(modules, {k: v.shape for k, v in arrays.items()}, tuple(other), where)
