@@ -73,7 +73,7 @@ def test_the_cycle_finder_finds_one():
 
 
 # Above the shared library: the model families and the tools (the command line, the parity checks).
-FAMILIES = {"mimaface"}
+FAMILIES = {"mimaface", "mmfa"}
 TOOLS = {"cli", "parity"}
 
 

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--split", default="all", choices=["all", "held_out"],
                  help="all identities of --data (a test set), or the held-out fraction of them")  # fmt: skip
   p.add_argument("--test-fraction", type=float, default=0.2, help="--split held_out: fraction of identities")
+  p.add_argument("--identities", default=None, metavar="A,B,...",
+                 help="score only these identities (e.g. those the training config excluded)")  # fmt: skip
   p.add_argument("--steps", type=int, default=None, help="the model's sampler steps (default: the checkpoint's)")
   p.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
   p.add_argument("--identity", default="dlib", choices=["dlib", "curricularface"],
@@ -96,6 +98,12 @@ def _select(dataset: Dataset, args) -> tuple[list, list[str]]:
   if args.split == "held_out":
     keep = set(protocols.held_out_identities(dataset.identities(), args.test_fraction, args.seed))
     videos = [v for v in videos if v.identity in keep]
+  if getattr(args, "identities", None):
+    named = {i.strip() for i in args.identities.split(",") if i.strip()}
+    unknown = sorted(named - set(dataset.identities()))
+    if unknown:
+      raise ValueError(f"--identities: {unknown} are not in --data {args.data}; its identities: {dataset.identities()}")
+    videos = [v for v in videos if v.identity in named]
   return videos, sorted({v.identity for v in videos})
 
 
@@ -107,8 +115,8 @@ def _warnings(animator, dataset: Dataset, args, identities) -> list[str]:
       out.append(
         f"the model was trained on {animator.training_data}, the data scored here (split {args.split}): "
         + ("its identities were seen in training, so same-identity figures measure how it reproduces its training "
-           "videos, not how it generalises" if args.split == "all" else
-           "the held-out identities were not excluded from training by this command (check the training split)")
+           "videos, not how it generalises" if args.split == "all" and not getattr(args, "identities", None) else
+           "the scored identities are unseen only if training left them out (check config.data.exclude_identities)")
       )  # fmt: skip
   if len(identities) < 2:
     out.append("fewer than two identities: no cross-identity pairs")

