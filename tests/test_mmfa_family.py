@@ -161,3 +161,28 @@ def test_bad_configs_are_refused_by_name(demo32, tmp_path, capsys):
   args = ["--config", CONFIG + ":expression_vae", "--workdir", str(tmp_path / "v"), f"--config.data.path={demo32}"]
   assert train.main(args) == 2
   assert "config.train.init_from" in capsys.readouterr().err
+
+
+def test_animate_drives_and_edits_a_portrait(uninterrupted, tmp_path, capsys):
+  from data_pipeline import demo_data
+  from mimajax import cli, video_io
+
+  portrait, driver = str(demo_data.portrait_path("astronaut")), str(demo_data.carphone_clip())
+  out = tmp_path / "driven.mp4"
+  args = ["animate", "--checkpoint", str(uninterrupted), "--source", portrait, "--driving", driver, "--frames", "4",
+          "--edit", "yaw=10", "--out", str(out), "--side-by-side", str(tmp_path / "sbs.mp4")]  # fmt: skip
+  assert cli.main(args) == 0, capsys.readouterr().err
+  frames, _ = video_io.read_video(out)
+  assert frames.shape == (4, 32, 32, 3)
+  assert video_io.read_video(tmp_path / "sbs.mp4")[0].shape[2] == 3 * 32  # source | driver | output
+  edited = tmp_path / "edited.mp4"  # no driver: the edits ramped in over --frames
+  assert cli.main(["animate", "--checkpoint", str(uninterrupted), "--source", portrait, "--frames", "6", "--edit",
+                   "roll=20,scale=1.1,tx=0.1", "--out", str(edited)]) == 0  # fmt: skip
+  assert video_io.read_video(edited)[0].shape[0] == 6
+  bad = tmp_path / "bad.mp4"
+  assert cli.main(["animate", "--checkpoint", str(uninterrupted), "--source", portrait, "--edit", "smile=1",
+                   "--out", str(bad)]) == 2  # fmt: skip
+  assert "unknown key 'smile'" in capsys.readouterr().err and not bad.exists()
+  assert cli.main(["animate", "--checkpoint", str(uninterrupted), "--source", portrait, "--edit",
+                   f"exp_interp={portrait}", "--out", str(bad)]) == 2  # fmt: skip
+  assert "--expression-vae" in capsys.readouterr().err and not bad.exists()
