@@ -186,3 +186,11 @@ def test_animate_drives_and_edits_a_portrait(uninterrupted, tmp_path, capsys):
   assert cli.main(["animate", "--checkpoint", str(uninterrupted), "--source", portrait, "--edit",
                    f"exp_interp={portrait}", "--out", str(bad)]) == 2  # fmt: skip
   assert "--expression-vae" in capsys.readouterr().err and not bad.exists()
+
+
+def test_bench_prints_generated_frames_per_second(capsys):
+  from mimajax.mmfa import bench
+
+  assert bench.main(["--config", CONFIG, "--frames", "2", "--repeats", "1"]) == 0
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith("frames_per_s=") and float(last.split("=")[1]) > 0
