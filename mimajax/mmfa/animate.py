@@ -26,7 +26,7 @@ import numpy as np
 from mimajax import cli_errors, video_io
 from mimajax.faces import detection, tracking
 from mimajax.mmfa import keypoints, pose
-from mimajax.mmfa.inference import load_inference
+from mimajax.mmfa.inference import load_inference, relative_to_first
 
 PROG = "mimajax animate"
 EXIT_ERROR, EXIT_FAILED = 2, 1
@@ -119,7 +119,6 @@ def animate_frames(inference, source_image: np.ndarray, *, driver_crops=None, dr
     f_exp = jnp.broadcast_to(source.expression, (t,) + source.expression.shape[1:])
     rotations = jnp.broadcast_to(jnp.asarray(r_source)[None], (t, 3, 3))
     ramp = jnp.linspace(0.0, 1.0, t, dtype=jnp.float32)
-  n = len(f_exp)
   if edits.exp_from:
     target = face_crop(video_io.read_image(edits.exp_from), f"--edit exp_from={edits.exp_from}")
     f_target = inference.codes(target[None])[1]
@@ -133,9 +132,7 @@ def animate_frames(inference, source_image: np.ndarray, *, driver_crops=None, dr
     f_exp = vae.decode(mu_a + ramp[:, None] * (mu_b - mu_a))  # sec. 4.4: along the line between posterior means
   motions = inference.motions(source, f_exp, head, rotations)
   if relative and driver_crops is not None:
-    first = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), motions)
-    own = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape[1:]), source.motion)
-    motions = keypoints.relative_motion(own, motions, first)
+    motions = relative_to_first(source, motions)
   return inference.render(source, apply_edits(motions, edits, ramp))
 
 

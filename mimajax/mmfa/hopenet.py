@@ -34,7 +34,7 @@ from flax import nnx
 from mimajax.convert.state_dict import KeyMap, merge_params
 from mimajax.errors import CheckpointReadError
 from mimajax.face3d.d3dfr import EXPANSION, RESNET50_BLOCKS, WIDTHS, ResNetBackbone
-from mimajax.metrics.inception import state_dict_from_file
+from mimajax.metrics.inception import TORCH_STORAGE_DTYPES, state_dict_from_file
 from mimajax.mmfa.keypoints import NUM_BINS, headpose_from_bins, rotation_from_degrees
 
 SIZE = 224
@@ -135,18 +135,8 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch/serialization.py MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001
-_STORAGE_DTYPES = {
-  "FloatStorage": np.float32,
-  "DoubleStorage": np.float64,
-  "HalfStorage": np.float16,
-  "BFloat16Storage": ml_dtypes.bfloat16,
-  "LongStorage": np.int64,
-  "IntStorage": np.int32,
-  "ShortStorage": np.int16,
-  "CharStorage": np.int8,
-  "ByteStorage": np.uint8,
-  "BoolStorage": np.bool_,
-}
+# inception's torch-archive table, plus bfloat16 (legacy files may hold it)
+_STORAGE_DTYPES = {**TORCH_STORAGE_DTYPES, "BFloat16Storage": ml_dtypes.bfloat16}
 
 
 class _StorageType:

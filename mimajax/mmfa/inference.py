@@ -147,11 +147,14 @@ class Inference:
     source = self.encode_source(source_crop, source_rotation)
     head, f_exp = self.codes(driver_crops)
     motions = self.motions(source, f_exp, head, jnp.asarray(driver_rotations, jnp.float32))
-    if relative:
-      first = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), motions)
-      own = jax.tree.map(lambda x: jnp.broadcast_to(x, (len(f_exp),) + x.shape[1:]), source.motion)
-      motions = keypoints.relative_motion(own, motions, first)
-    return self.render(source, motions)
+    return self.render(source, relative_to_first(source, motions) if relative else motions)
+
+
+def relative_to_first(source: Source, motions: keypoints.Motion) -> keypoints.Motion:
+  """Each driver frame's change since the first frame, applied to the source's own parameters."""
+  first = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], x.shape), motions)
+  own = jax.tree.map(lambda x: jnp.broadcast_to(x, first.rotation.shape[:1] + x.shape[1:]), source.motion)
+  return keypoints.relative_motion(own, motions, first)
 
 
 def _pad(x: jax.Array, n: int) -> jax.Array:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mimajax.faces import motion_fit, tracking
+from mimajax.mmfa import keypoints
 from mimajax.mmfa.inference import rotations_from_rows
 
 
@@ -24,7 +25,4 @@ def rotations(crops: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
   """R (T, 3, 3) in the keypoint frame: from the rows when given (the dataset's stored pose), else fitted."""
   if rows is not None:
     return np.asarray(rotations_from_rows(rows))
-  angles = angles_of_crops(crops)
-  row = np.zeros((len(angles), 257), np.float32)
-  row[:, 224:227] = angles
-  return np.asarray(rotations_from_rows(row))
+  return np.asarray(keypoints.rotation_from_deep3d(angles_of_crops(crops)))
