@@ -18,6 +18,7 @@ from mimajax import cli_errors, families
 from mimajax.errors import CheckpointReadError
 from mimajax.evaluation import command as evaluate_command
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE, TOLERANCES
+from mimajax.web.command import add_arguments as serve_arguments
 
 # What --pretrained must be, per component (a pipeline folder holds the diffusers components as subfolders).
 PRETRAINED_EXPECTED = {
@@ -180,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
   for verb, what in FAMILY_VERBS.items():  # parsed by the family of the --checkpoint (see _family_verb)
     sub.add_parser(verb, help=what, add_help=False)
 
+  p = sub.add_parser("serve", help="a web page (Gradio) for a trained checkpoint of any family: portrait in, video out")
+  serve_arguments(p)
+  p.set_defaults(fn=_serve)
+
   e = sub.add_parser(
     "extract-motion", help="MediaPipe FaceMesh landmarks -> 261-column motion coefficients + face_model.npz"
   )
@@ -211,6 +216,12 @@ def _family_verb(verb: str, argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog=f"mimajax {verb}", description=command.help)
   command.add_arguments(parser)
   return command.run(parser.parse_args(argv))
+
+
+def _serve(args) -> int:
+  from mimajax.web import command
+
+  return command.run(args)
 
 
 def _extract_motion(args) -> int:

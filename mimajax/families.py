@@ -114,6 +114,9 @@ class Family:
   check_resume: Callable[[Any, Any], None] | None = None
   # (a trained model on disk, evaluation options: sampler steps, ...) -> Animator (what `mimajax evaluate` scores)
   load_animator: Callable[[Path, Mapping[str, Any]], Animator] | None = None
+  # (a trained model on disk, server options: VAE folder, ...) -> mimajax.serving.ServedModel (what `mimajax serve`
+  # runs: the model loaded once, its drivers and controls, animate(request, progress))
+  load_served: Callable[[Path, Mapping[str, Any]], Any] | None = None
 
 
 _REGISTERED: dict[str, Family] = {}

@@ -393,6 +393,17 @@ def _face_features(path: str | None) -> np.ndarray | None:
   return np.asarray(x, np.float32).reshape(1, -1)
 
 
+def driving_rows(inference, drv, source_coeffs, edits: Sequence[str], *, frames: int | None = None,
+                 hold_edit: bool = False) -> tuple[np.ndarray, Sequence[str]]:  # fmt: skip
+  """(rows to blend with the source, edits still to apply): a driver's rows and the edits, or without a driver the
+  source's own row moving to the edit over `frames` frames (held with `hold_edit`), the edits already in it."""
+  if drv is None:
+    rows = driving.edit_sequence(source_coeffs, edits, frames or DEFAULT_EDIT_FRAMES, ramp=not hold_edit,
+                                 face_model=inference.face_model)  # fmt: skip
+    return rows, ()
+  return driving.with_motion(drv, inference.face_model).coeffs, edits
+
+
 def run(args) -> int:
   """`mimajax animate`: 0 on success; 2 with a message on stderr (and no output file) on bad input; 1 if writing the
   output failed (a full disk: the previous file at --out is untouched)."""
@@ -413,12 +424,7 @@ def run(args) -> int:
     inference = _load_inference(args)
     source_coeffs = source_coefficients(image, inference.resolution, box=box, path=args.source_coefficients,
                                         face_model=inference.face_model)  # fmt: skip
-    if drv is None:
-      rows = driving.edit_sequence(source_coeffs, args.edit, args.frames or DEFAULT_EDIT_FRAMES,
-                                   ramp=not args.hold_edit, face_model=inference.face_model)  # fmt: skip
-      edits = ()
-    else:
-      rows, edits = driving.with_motion(drv, inference.face_model).coeffs, args.edit
+    rows, edits = driving_rows(inference, drv, source_coeffs, args.edit, frames=args.frames, hold_edit=args.hold_edit)
     config = sampler_from_args(inference.sampler, args)
     result = generate_animation(inference, image, rows, sampler_config=config, clip_frames=args.clip_frames,
                                 ica_frames=args.ica_frames, seed=args.seed, progress=not args.no_progress,

@@ -23,7 +23,8 @@ Edits (`apply_edits`), each `key=value`, applied to every row:
                                chin down, positive roll turns the face counter-clockwise on screen
   tx=+0.1, ty=-0.1, tz=0.5     added to the translation (model units, decimetres; the camera looks from z = 10)
   exp_scale=1.5                expression multiplied (0: neutral, > 1: exaggerated)
-  exp_from=FILE[:FRAME]        expression of row FRAME (default 0) of another coefficient file or video
+  exp_from=FILE[:FRAME]        expression of row FRAME (default 0) of another coefficient file or video, or of the
+                               face in an image (PNG / JPEG: fitted on its face crop as the source's own row is)
   pose_from=FILE[:FRAME]       angle and translation from there; gaze_from=FILE[:FRAME] its gaze (261-wide files)
 """
 
@@ -222,7 +223,24 @@ def _number(key: str, value: str) -> float:
   return x
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_FIT_RESOLUTION = 256  # the face crop FaceMesh fits an image's row on (as the source's, in animate)
+
+
+def _image_row(key: str, path: str, face_model) -> np.ndarray:
+  """The coefficients of the face in an image, fitted as the source's are (FaceMesh on its face crop)."""
+  if face_model is None:
+    raise ValueError(f"edit {key}={path}: rows from an image need the checkpoint's face model")
+  image = video_io.read_image(path)
+  box = detection.image_face_box(image)
+  if box is None:
+    raise ValueError(f"edit {key}={path}: no face found in that image ({image.shape[1]}x{image.shape[0]})")
+  return source_motion(detection.crop_and_resize(image, box, IMAGE_FIT_RESOLUTION), face_model)[0]
+
+
 def _row_from(key: str, spec: str, face_model=None) -> np.ndarray:
+  if Path(spec).suffix.lower() in IMAGE_EXTENSIONS:
+    return _image_row(key, spec, face_model)
   path, frame = parse_frame_spec(spec)
   driving = read_driving(path, max_frames=frame + 1)
   if driving.coeffs is None:

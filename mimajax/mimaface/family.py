@@ -17,7 +17,7 @@ from flax import nnx
 from data_pipeline import loader
 from mimajax import families, train_step
 from mimajax.diffusion import schedulers
-from mimajax.mimaface import animate, conditioning, evaluation, export_command, pretrained, vae_stage
+from mimajax.mimaface import animate, conditioning, evaluation, export_command, pretrained, serving, vae_stage
 from mimajax.mimaface.inference import GROUP
 from mimajax.mimaface.memory_bank import enqueue, init_memory_bank
 from mimajax.mimaface.model import training_loss
@@ -167,6 +167,7 @@ FAMILY = families.Family(
   check_config=check_config,
   check_resume=check_resume,
   load_animator=evaluation.load_animator,
+  load_served=serving.load_served,
   commands={
     "animate": families.Command(
       animate.add_arguments,

@@ -17,6 +17,7 @@ Bad input (no face, an unknown edit, a missing VAE) fails before the checkpoint 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -94,7 +95,9 @@ def apply_edits(motions: keypoints.Motion, edits: Edits, ramp: jax.Array) -> key
   return keypoints.Motion(rotation, motions.delta, scale, motions.translation + shift)
 
 
+@functools.lru_cache(maxsize=4)
 def _expression_vae(path: str | None):
+  """The expression VAE stage at `path`, loaded once per process (a server's requests share it)."""
   if not path:
     raise ValueError("--edit exp_interp needs --expression-vae WORKDIR (a trained `expression_vae` stage)")
   from mimajax.mmfa import expression_vae_stage
@@ -147,6 +150,15 @@ def read_driver(path: str, max_frames: int | None) -> tuple[np.ndarray, np.ndarr
   return crops, pose.rotations(crops), video_io.video_fps(path)
 
 
+def side_by_side_columns(inference, image: np.ndarray, driver_crops, frames: np.ndarray) -> list[np.ndarray]:
+  """source crop | driver crops (when driven by a video) | output, each at the model's resolution."""
+  res = inference.resolution
+  columns = [detection.crop_and_resize(face_crop(image, "the source image"), None, res)]
+  if driver_crops is not None:
+    columns.append(np.stack([detection.crop_and_resize(c, None, res) for c in driver_crops]))
+  return columns + [frames]
+
+
 def add_arguments(p) -> None:
   p.add_argument("--checkpoint", required=True, help="an MMFA training workdir or checkpoint step folder")
   p.add_argument("--source", required=True, help="portrait image (PNG/JPEG) with a visible face")
@@ -192,10 +204,7 @@ def run(args) -> int:
                             expression_vae=args.expression_vae)  # fmt: skip
     video_io.write_mp4(args.out, video_io.even_frames(frames), fps)
     if args.side_by_side:
-      res = inference.resolution
-      src = np.repeat(detection.crop_and_resize(face_crop(image, "the source image"), None, res)[None], len(frames), 0)
-      columns = [src] + ([np.stack([detection.crop_and_resize(c, None, res) for c in crops])] if crops is not None
-                         else []) + [frames]  # fmt: skip
+      columns = side_by_side_columns(inference, image, crops, frames)
       video_io.write_mp4(args.side_by_side, video_io.even_frames(video_io.side_by_side(columns)), fps)
   except video_io.VideoWriteError as e:
     return cli_errors.report(PROG, e, code=EXIT_FAILED)

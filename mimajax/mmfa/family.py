@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from mimajax import families
-from mimajax.mmfa import animate, evaluation, expression_vae_stage, objective
+from mimajax.mmfa import animate, evaluation, expression_vae_stage, objective, serving
 from mimajax.mmfa.data import data_iterator
 from mimajax.mmfa.samples import SampleWriter
 
@@ -111,6 +111,7 @@ FAMILY = families.Family(
   check_config=check_config,
   check_resume=check_resume,
   load_animator=evaluation.load_animator,
+  load_served=serving.load_served,
   commands={
     "animate": families.Command(
       animate.add_arguments,
