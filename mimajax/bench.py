@@ -2,11 +2,13 @@
 
 A training step here is forward + backward of the epsilon-MSE loss with respect to every U-Net
 parameter (no optimizer update: identical work on both sides), jitted in JAX, timed after
-warm-up as the median over repeats.
+warm-up. The two sides run interleaved (JAX, torch, JAX, torch, ...: `paired`) and the ratio is the median of the
+pairs' ratios with its min and max, so a machine that slows down mid-run slows both sides of a pair.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Callable
@@ -50,6 +52,55 @@ def _median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def _timed(fn: Callable[[], None]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+  """Two sides timed in alternation (A B A B ...): each pair's ratio a / b, so a drift of the machine (another job,
+  frequency, memory) moves both sides of a pair alike and cancels in its ratio."""
+
+  a_s: tuple[float, ...]
+  b_s: tuple[float, ...]
+
+  @property
+  def ratios(self) -> tuple[float, ...]:
+    return tuple(a / b for a, b in zip(self.a_s, self.b_s))
+
+  @property
+  def ratio(self) -> float:
+    return statistics.median(self.ratios)
+
+  @property
+  def spread(self) -> float:
+    """(max - min) / median of the pair ratios."""
+    r = self.ratios
+    return (max(r) - min(r)) / statistics.median(r)
+
+  def describe(self, a: str, b: str) -> str:
+    r = self.ratios
+    return (f"{a} / {b}: median {self.ratio:.3f} over {len(r)} interleaved pairs (min {min(r):.3f}, max {max(r):.3f}, "
+            f"spread {100 * self.spread:.1f}%); {a} median {statistics.median(self.a_s) * 1e3:.1f} ms, {b} median "
+            f"{statistics.median(self.b_s) * 1e3:.1f} ms")  # fmt: skip
+
+
+def paired(run_a: Callable[[], None], run_b: Callable[[], None], *, pairs: int, warmup: int = 1) -> Paired:
+  """`pairs` interleaved timings of two warmed-up functions (each already compiled / traced)."""
+  if pairs < 1:
+    raise ValueError(f"pairs must be >= 1; got {pairs}")
+  for _ in range(warmup):
+    run_a()
+    run_b()
+  a_s, b_s = [], []
+  for _ in range(pairs):
+    a_s.append(_timed(run_a))
+    b_s.append(_timed(run_b))
+  return Paired(tuple(a_s), tuple(b_s))
 
 
 def unet_train_step_fn(model: UNet2DConditionModel):
@@ -105,7 +156,13 @@ def bench_unet(
   t_compile = time.perf_counter()
   run_jax()
   t_compile = time.perf_counter() - t_compile
-  jax_s = _median_time(run_jax, warmup, repeats)
+  both = None
+  if compare_torch:  # interleaved with torch: each pair's two steps see the same machine
+    run_torch = _torch_unet_step(config, x, t, ctx, target, seed, bf16=dtype == jnp.bfloat16)
+    both = paired(run_jax, run_torch, pairs=repeats, warmup=warmup)
+    jax_s = statistics.median(both.a_s)
+  else:
+    jax_s = _median_time(run_jax, warmup, repeats)
   device = jax.devices()[0]
   result = {"jax_s": jax_s, "params": float(n_params), "compile_s": t_compile}
   log(
@@ -127,15 +184,15 @@ def bench_unet(
       if peak:
         result["mfu"] = flops / jax_s / peak
         log(f"MFU: {100 * result['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s peak")
-  if compare_torch:
-    torch_s = _bench_torch_unet(config, x, t, ctx, target, warmup, repeats, seed, bf16=dtype == jnp.bfloat16)
-    result["torch_s"] = torch_s
-    log(f"torch train step (fwd+bwd): {torch_s * 1e3:9.1f} ms median of {repeats}")
-    result["ratio"] = jax_s / torch_s
+  if both is not None:
+    result.update(torch_s=statistics.median(both.b_s), ratio=both.ratio, ratio_min=min(both.ratios),
+                  ratio_max=max(both.ratios), spread=both.spread)  # fmt: skip
+    log(f"torch train step (fwd+bwd): {result['torch_s'] * 1e3:9.1f} ms median of {repeats}")
+    log(both.describe("jax", "torch"))
   return result
 
 
-def _bench_torch_unet(config: UNetConfig, x, t, ctx, target, warmup, repeats, seed, bf16: bool = False) -> float:
+def _torch_unet_step(config: UNetConfig, x, t, ctx, target, seed, bf16: bool = False) -> Callable[[], None]:
   """The same step in diffusers on the same machine (CUDA if torch sees a GPU), SDPA attention."""
   import torch
   from diffusers import UNet2DConditionModel as TorchUNet
@@ -155,4 +212,4 @@ def _bench_torch_unet(config: UNetConfig, x, t, ctx, target, warmup, repeats, se
     if device == "cuda":
       torch.cuda.synchronize()
 
-  return _median_time(run, warmup, repeats)
+  return run

@@ -330,6 +330,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save without force (config.checkpoint.every_steps)."""
+    return bool(self.manager.should_save(step))
+
   def save(self, step: int, state, data_state: Any = None, *, force: bool = False) -> bool:
     """Saves when `step` is due (or force); returns whether a save started. The checksums are computed from
     `state` on device before Orbax copies it to the host, so they are of exactly the values written."""

@@ -123,7 +123,7 @@ def _bench(args) -> int:
     repeats=args.repeats,
     compare_torch=not args.no_torch,
   )
-  if "ratio" in result:
+  if "ratio" in result:  # the median pair ratio; its spread on the line before
     print(f"ratio={result['ratio']:.3f}")
   return 0
 
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--resolution", type=int, default=None, help="image pixels (unet: 256, latents are 1/8; loader: 512)")
   b.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 parameters)")
   b.add_argument("--attention-impl", default="blockwise", choices=["xla", "cudnn", "blockwise"])
-  b.add_argument("--repeats", type=int, default=3)
+  b.add_argument("--repeats", type=int, default=7, help="unet: interleaved JAX / torch pairs timed")
   b.add_argument("--no-torch", action="store_true", help="time JAX only (e.g. on a GPU without torch)")
   loader_bench_arguments(b)
   b.set_defaults(fn=_bench)

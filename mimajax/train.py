@@ -246,6 +246,23 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
   preempt = checkpointing.PreemptionFlag().install()
   compiled = None
   step = start
+  every = config.sample.every_steps if "sample" in config else 0
+  # The host never waits for the device on an ordinary step: step n's metrics (its NaN flag, the logged scalars)
+  # are read after step n + 1 is dispatched, so the device always has the next step queued while the host checks,
+  # logs and loads the batch after it. A step whose state leaves the device (a checkpoint, samples, an evaluation,
+  # the last step, a preemption) is checked before that, so nothing non-finite is ever written and a non-finite step
+  # stops the run naming itself, with the checkpoint before it the newest.
+  unchecked = None  # (step, metrics) dispatched and not yet checked
+
+  def check(pending) -> None:
+    n, metrics = pending
+    try:
+      train_step.check_finite(metrics, n)
+    except FloatingPointError:
+      ckpt.wait()  # the last good checkpoint stays the newest
+      raise
+    reporter.step(n, metrics, images=task.images_per_step)
+
   try:
     while step < total:
       host = _host_batch(next(run.iterator), task.batch_keys)
@@ -257,17 +274,19 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
         compiled = jitted.lower(state, batch, run.frozen).compile()
         reporter.set_flops(train_metrics.compiled_flops(compiled))
       state, metrics = compiled(state, batch, run.frozen)
-      try:
-        train_step.check_finite(metrics, step + 1)
-      except FloatingPointError:
-        ckpt.wait()  # the last good checkpoint stays the newest
-        raise
       step += 1
-      reporter.step(step, metrics, images=task.images_per_step)
+      if unchecked is not None:
+        check(unchecked)  # the previous step, finished or nearly, while this one runs
+      unchecked = (step, metrics)
       stop = preempt.reached(step)
       # decided alike on every process: the save it forces is collective
       evaluate = eval_every and (step % eval_every == 0 or step == total) and not stop
-      ckpt.save(step, state, run.iterator.get_state(), force=stop or step == total or evaluate)
+      force = stop or step == total or evaluate
+      sample = task.write_samples is not None and every and (step % every == 0 or step == total)
+      if force or sample or ckpt.due(step):
+        check(unchecked)  # this step's state is about to leave the device: it must be finite
+        unchecked = None
+      ckpt.save(step, state, run.iterator.get_state(), force=force)
       if evaluate:
         ckpt.wait()  # the animator loads the step just saved: what `mimajax evaluate --checkpoint` would score
         scalars = evaluator(family, workdir)  # every process: the checkpoint restore is collective
@@ -276,8 +295,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
       if stop:
         log.warning("preempted (SIGTERM): saved step %d to %s", step, ckpt.directory)
         break
-      every = config.sample.every_steps if "sample" in config else 0
-      if task.write_samples is not None and every and (step % every == 0 or step == total):
+      if sample:
         params, frozen, buffers = state.ema_params or state.params, run.frozen, state.buffers
         if jax.process_count() > 1:  # parameters sharded across hosts: every host joins the gather
           params, frozen, buffers = multihost_utils.process_allgather((params, frozen, buffers), tiled=True)

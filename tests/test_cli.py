@@ -30,6 +30,28 @@ def test_bench_prints_ratio_last(capsys):
   out = capsys.readouterr().out.strip().splitlines()
   assert out[-1].startswith("ratio=") and float(out[-1].split("=")[1]) > 0
   assert any("torch train step" in line for line in out)
+  assert any("jax / torch: median" in line and "interleaved pairs" in line for line in out)
+
+
+def test_paired_timing_alternates_the_sides_and_takes_the_ratio_pair_by_pair(monkeypatch):
+  from mimajax import bench
+
+  # A machine that slows down 3x half way: both sides of each pair see it, so every pair's ratio is 0.5.
+  clock, calls = [0.0], []
+  slow = lambda: 3.0 if len(calls) > 4 else 1.0
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+
+  def side(name, cost):
+    def run():
+      calls.append(name)
+      clock[0] += cost * slow()
+
+    return run
+
+  result = bench.paired(side("a", 1.0), side("b", 2.0), pairs=4, warmup=1)
+  assert calls == ["a", "b"] * 5
+  assert result.ratios == (0.5,) * 4 and result.ratio == 0.5 and result.spread == 0.0
+  assert result.a_s == (1.0, 3.0, 3.0, 3.0)  # the unpaired medians would have moved 3x
 
 
 def test_console_script_is_installed():

@@ -164,3 +164,35 @@ def test_a_workdir_of_another_family_is_refused_untouched(uninterrupted, capsys)
 def test_unknown_family_is_named():
   with pytest.raises(ValueError, match="unknown model family 'nope'"):
     families.get("nope")
+
+
+def test_the_loop_reads_a_steps_flag_after_dispatching_the_next_and_before_any_save(tmp_path, monkeypatch):
+  """No host sync per step: an ordinary step's NaN flag is read once the next step's batch is taken (the device has
+  work queued); a step that is saved is checked before its save."""
+  from mimajax import train_step
+
+  taken, checks = [0], []
+  host_batch = train._host_batch  # once per step, on the batch just taken
+  monkeypatch.setattr(train, "_host_batch", lambda *a: taken.__setitem__(0, taken[0] + 1) or host_batch(*a))
+  check = train_step.check_finite
+  monkeypatch.setattr(train_step, "check_finite", lambda metrics, n: checks.append((n, taken[0])) or check(metrics, n))
+  argv = ["--config", CONFIG, "--workdir", str(tmp_path), "--config.checkpoint.every_steps=3", "--config.total_steps=7"]
+  assert train.main(argv) == 0
+  assert [n for n, _ in checks] == list(range(1, 8))  # every step checked once, in order
+  saved = checkpointing.saved_steps(tmp_path)
+  assert {3, 6, 7} <= set(saved) and 4 not in saved  # every 3 steps, the last (Orbax also saves a run's first)
+  assert dict(checks) == {n: n if n in saved else n + 1 for n in range(1, 8)}  # saved: checked first; others behind
+
+
+def test_a_non_finite_step_between_checkpoints_stops_the_run_naming_it(uninterrupted, tmp_path, capsys):
+  """Found one step late, it is still the step named, and nothing after the last good checkpoint is written."""
+  shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+  lr = ["--config.train.generator_lr=1e30", "--config.train.discriminator_lr=1e30"]
+  argv = ["--config", CONFIG, "--workdir", str(tmp_path), "--config.checkpoint.every_steps=4",
+          "--config.total_steps=16", *lr]  # fmt: skip
+  assert train.main(argv) == 1
+  err = capsys.readouterr().err
+  assert "non-finite values at step" in err, err[-2000:]
+  bad = int(err.split("non-finite values at step")[1].split()[0])
+  assert bad % 4 != 0, f"step {bad} is a checkpoint step: this test is about a step between them"
+  assert checkpointing.saved_steps(tmp_path)[-1] == 4 * ((bad - 1) // 4) and f"left at step {bad - 1}" in err
