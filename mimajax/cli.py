@@ -107,8 +107,14 @@ def _bench(args) -> int:
   from mimajax import bench
   from mimajax.models.unet_config import UNetConfig
 
+  if args.what == "animate":
+    from mimajax.parity import bench_animate
+
+    args.repeats = args.repeats or 3
+    return bench_animate.main(args)
   if args.what != "unet":
-    return cli_errors.fail("mimajax bench", f"unknown benchmark {args.what!r}; expected 'unet' or 'loader'")
+    return cli_errors.fail("mimajax bench", f"unknown benchmark {args.what!r}; expected unet, animate or loader")
+  args.repeats = args.repeats or 7
   args.batch = args.batch or 1
   args.resolution = args.resolution or 256
   cfg = UNetConfig(**common.model_config(args.size).unet.to_dict())
@@ -148,16 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(fn=_parity)
 
   b = sub.add_parser(
-    "bench", help="unet: time a training step against PyTorch, last line ratio=; loader: last line clips_per_s="
+    "bench",
+    help="unet: a training step against PyTorch, last line ratio=; animate: a clip against the PyTorch pipeline, "
+    "last line ratio= (--family mmfa: frames_per_s=); loader: last line clips_per_s=",
   )
-  b.add_argument("what", choices=["unet", "loader"])
+  b.add_argument("what", choices=["unet", "animate", "loader"])
   b.add_argument("--size", default="sd15", choices=["tiny", "sd15"], help="base U-Net config")
   b.add_argument("--block-out-channels", default="", help="override, e.g. 128,256,256")
   b.add_argument("--batch", type=int, default=None, help="unet: 1; loader: 8 clips (stage 2)")
   b.add_argument("--resolution", type=int, default=None, help="image pixels (unet: 256, latents are 1/8; loader: 512)")
   b.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 parameters)")
   b.add_argument("--attention-impl", default="blockwise", choices=["xla", "cudnn", "blockwise"])
-  b.add_argument("--repeats", type=int, default=7, help="unet: interleaved JAX / torch pairs timed")
+  b.add_argument("--repeats", type=int, default=None, help="interleaved JAX / torch pairs timed (unet 7, animate 3)")
+  b.add_argument("--family", default="mimaface", choices=["mimaface", "mmfa"], help="animate: which model")
+  b.add_argument("--frames", type=int, default=None, help="animate: frames per clip (4; mmfa: 32)")
+  b.add_argument("--steps", type=int, default=3, help="animate: DDIM steps")
+  b.add_argument("--guidance", type=float, default=3.5, help="animate: classifier-free guidance")
+  b.add_argument("--mmfa-config", default=None, help="animate --family mmfa: its config (configs/mmfa_vox256.py)")
   b.add_argument("--no-torch", action="store_true", help="time JAX only (e.g. on a GPU without torch)")
   loader_bench_arguments(b)
   b.set_defaults(fn=_bench)

@@ -6,9 +6,11 @@ devices). The peak table covers the accelerators this project targets; elsewhere
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -51,15 +53,48 @@ def compiled_flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
+class PlainWriter:
+  """Where clu (and the TensorFlow its TensorBoard writer imports) is not installed, as on a bare GPU machine: the
+  scalars logged, and on host 0 appended to workdir/metrics.jsonl (one {"step", ...} object a line)."""
+
+  def __init__(self, workdir: str | os.PathLike, *, just_logging: bool):
+    self.path = None if just_logging else Path(workdir) / "metrics.jsonl"
+    self._file = open(self.path, "a") if self.path is not None else None
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    values = {k: float(v) for k, v in scalars.items()}
+    log.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in values.items()))
+    if self._file is not None:
+      self._file.write(json.dumps({"step": int(step), **values}) + "\n")
+
+  def flush(self) -> None:
+    if self._file is not None:
+      self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+def default_writer(workdir: str | os.PathLike, *, just_logging: bool):
+  """clu's writer (TensorBoard events + logs) when clu and TensorFlow import, else a `PlainWriter`."""
+  try:
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(str(workdir), just_logging=just_logging)
+  except ImportError as e:
+    log.warning("metrics: clu's TensorBoard writer is unavailable (%s); writing %s/metrics.jsonl instead", e, workdir)
+    return PlainWriter(workdir, just_logging=just_logging)
+
+
 class Reporter:
   """Host 0 writes metrics every `config.log.every_steps` steps and shows a progress bar; other hosts log only."""
 
   def __init__(self, workdir: str | os.PathLike, config, *, start: int, total: int):
-    from clu import metric_writers
-
     self.every = max(1, int(config.log.every_steps))
     self.lead = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.lead)
+    self.writer = default_writer(workdir, just_logging=not self.lead)
     self.bar = None
     if self.lead and config.log.progress_bar:
       from tqdm import tqdm
