@@ -91,5 +91,5 @@ def test_pytorch_mia_matches_jax(variant, frames):
 
 @pytest.mark.slow
 def test_parity_sd15_full_size():
-  """The full-size model with random weights (minutes on CPU; launch/parity_gpu.sh runs it on a GPU)."""
+  """The full-size model with random weights (minutes on CPU; launch/gpu_check.sh runs it on a GPU)."""
   assert cli.main(["parity", "--component", "mimaface", "--size", "sd15"]) == 0

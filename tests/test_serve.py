@@ -81,6 +81,14 @@ def test_an_over_long_driving_video_is_refused_from_its_header(tmp_path):
   assert app.make_request(_fake_model(), {**values, "frames": 8}, max_frames=8, workdir=tmp_path).frames == 8
 
 
+def test_an_unreadable_driving_video_is_named(tmp_path):
+  bad = tmp_path / "drv.mp4"
+  bad.write_bytes(b"\x00garbage" * 50)
+  with pytest.raises(ValueError, match="drv.mp4 is unreadable"):
+    app.make_request(_fake_model(), _values(driver=app.DRIVER_LABELS["video"], video=str(bad)), max_frames=8,
+                     workdir=tmp_path)  # fmt: skip
+
+
 def test_a_request_writes_both_videos_in_its_own_folder_removed_when_it_ends(tmp_path):
   seen = []
   out, side, crop, model_input, summary, folder = app.run_request(

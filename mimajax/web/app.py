@@ -72,7 +72,8 @@ def make_request(model: serving.ServedModel, values: dict[str, Any], *, max_fram
     driving = _path(values.get("video"))
     if not driving:
       raise ValueError("no driving video: upload one, or choose to drive with edits only")
-    declared = video_io.declared_frames(driving) if frames is None else None  # unreadable: its own message
+    video_io.video_fps(driving)  # an unreadable video is named now, before the portrait is fitted
+    declared = video_io.declared_frames(driving) if frames is None else None
     serving.check_frames(frames, max_frames, driver_frames=declared)
   elif driver == "coefficients":
     driving = _path(values.get("coefficients"))
