@@ -69,18 +69,24 @@ part() {
 
 cli=(python3 -m mimajax.cli)
 if [ $dry = 1 ]; then
-  size=tiny; res=64; batch=1; bench=(--repeats 2); train_steps=3
-  data=${DATA:-$logs/demo64}
+  # The train parts run the loop on the tests' toy GAN family (seconds, not minutes of compiling): the dry run checks
+  # this script's plumbing; the configs' own steps are tested by tests/test_train.py.
+  size=tiny; res=64; batch=1; bench=(--repeats 2)
   mmfa=(--config tests/mmfa_micro.py --frames 2 --repeats 1)
-  train1=(--config configs/tiny.py:1) train2=(--config configs/tiny.py:2)
+  train1=(--config tests/gan_family.py) train2=(--config tests/gan_family.py --config.data.batch_size=32)
+  common=(--config.total_steps=3 --config.log.every_steps=3 --config.checkpoint.every_steps=100000
+          --config.log.progress_bar=False)
   half=()
 else
-  size=sd15; res=512; batch=${BATCH:-8}; bench=(--bf16 --attention-impl cudnn --repeats 5); train_steps=30
+  size=sd15; res=512; batch=${BATCH:-8}; bench=(--bf16 --attention-impl cudnn --repeats 5)
   data=${DATA:-data/demo512}
   mmfa=(--config configs/mmfa_vox256.py)
   train1=(--config configs/sd15_stage1.py --config.data.batch_size="${STAGE1_BATCH:-16}")
   train2=(--config configs/sd15_stage2.py --config.data.batch_size="${STAGE2_BATCH:-2}" --config.mesh.fsdp=1)
   half=(--config.model.dtype=bfloat16 --config.model.attention_impl=cudnn)
+  [ -f "$data/manifest.json" ] || part demo_data 300 python3 -m data_pipeline.demo_data --output "$data" --resolution $res
+  common=(--config.data.path="$data" --config.total_steps=30 --config.log.every_steps=10
+          --config.checkpoint.every_steps=100000 --config.sample.every_steps=0 --config.log.progress_bar=False)
 fi
 
 JAX_DEFAULT_MATMUL_PRECISION=highest NVIDIA_TF32_OVERRIDE=0 part parity_unet 240 "${cli[@]}" parity --component unet --size $size
@@ -89,11 +95,6 @@ JAX_DEFAULT_MATMUL_PRECISION=highest NVIDIA_TF32_OVERRIDE=0 \
   part parity_mimaface 300 "${cli[@]}" parity --component mimaface --size $size
 part parity_mmfa_init 120 "${cli[@]}" parity --component mmfa_init
 part bench_unet 300 "${cli[@]}" bench unet --size $size --batch "$batch" --resolution $res "${bench[@]}"
-if [ ! -f "$data/manifest.json" ]; then
-  part demo_data 300 python3 -m data_pipeline.demo_data --output "$data" --resolution $res
-fi
-common=(--config.data.path="$data" --config.total_steps=$train_steps --config.log.every_steps=$train_steps
-        --config.checkpoint.every_steps=100000 --config.sample.every_steps=0 --config.log.progress_bar=False)
 part train_stage1 300 "${cli[@]}" train "${train1[@]}" --workdir "$logs/stage1" "${common[@]}" "${half[@]}"
 part train_stage2 300 "${cli[@]}" train "${train2[@]}" --workdir "$logs/stage2" "${common[@]}" "${half[@]}"
 part bench_animate 300 "${cli[@]}" bench animate --size $size
@@ -105,7 +106,8 @@ import json, re, subprocess, sys
 from pathlib import Path
 
 logs, out, dry = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
-KEYS = ("rel_err", "ratio", "frames_per_s", "images_per_s", "mfu", "steps_per_s")
+KEYS = ("rel_err", "ratio", "frames_per_s", "jax_frames_per_s", "torch_frames_per_s", "images_per_s", "mfu",
+        "steps_per_s")
 
 
 def figures(text):

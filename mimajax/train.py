@@ -305,6 +305,9 @@ def _train(config: ml_collections.ConfigDict, workdir: Path) -> train_step.Train
     preempt.uninstall()
     ckpt.close()
     reporter.close()
+  summary = reporter.summary()
+  if summary:
+    print(f"train {config.name}: {summary}", flush=True)  # the last logged figures, on stdout
   return state
 
 

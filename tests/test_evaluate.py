@@ -20,6 +20,10 @@ from mimajax.faces import detection
 FRAMES = 6
 
 
+# One worker builds the module's data and report (about 200 s each) instead of both workers building them.
+pytestmark = pytest.mark.xdist_group("evaluate")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("eval_data")

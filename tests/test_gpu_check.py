@@ -17,7 +17,7 @@ PARTS = {  # part -> the figures its log must give
   "bench_unet": {"ratio"},
   "train_stage1": {"steps_per_s"},
   "train_stage2": {"steps_per_s"},
-  "bench_animate": {"ratio", "frames_per_s"},
+  "bench_animate": {"ratio", "jax_frames_per_s", "torch_frames_per_s"},
   "mmfa_frames": {"frames_per_s"},
 }
 

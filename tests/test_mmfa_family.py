@@ -69,6 +69,8 @@ def test_generator_and_discriminator_train_with_their_own_state(uninterrupted):
   assert image.shape == (4 * 32, 4 * 32, 3)  # 4 pairs x (source | driver | generated | canonical keypoints)
 
 
+@pytest.mark.slow  # about 205 s (the subprocess compiles the step again); resume is the loop's one code path, which
+# runs in CI on the toy GAN with BatchNorm buffers (test_families.py::test_killed_gan_run_resumes_bitwise_equal)
 def test_killed_run_resumes_bitwise_equal(demo32, uninterrupted, cache_dir, tmp_path):
   cmd = [sys.executable, "-m", "mimajax.cli", "train", *_args(demo32, tmp_path, "--config.sample.every_steps=6")]
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

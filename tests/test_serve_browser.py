@@ -116,11 +116,12 @@ def browser():
 
 
 def _wait(driver, condition, what: str, timeout: float = 300):
-  from selenium.common.exceptions import TimeoutException
+  from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
   from selenium.webdriver.support.ui import WebDriverWait
 
-  try:
-    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: condition(d))
+  try:  # an element Gradio re-renders between finding and reading it is looked for again, not an error
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(lambda d: condition(d))
   except TimeoutException:
     body = driver.find_element("tag name", "body").text[-1500:]
     pytest.fail(f"waited {timeout:g} s for {what}; the page says:\n{body}")

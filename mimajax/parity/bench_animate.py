@@ -94,6 +94,8 @@ def bench_animate(size: str = "sd15", *, frames: int = 4, steps: int = 3, guidan
     median = float(np.median(seconds))
     log(f"{name:5s} {median:7.2f} s per clip, {frames / median:.3f} frames/s")
   log(result.describe("jax", "torch"))
+  log(f"jax_frames_per_s={frames / float(np.median(result.a_s)):.4g} "
+      f"torch_frames_per_s={frames / float(np.median(result.b_s)):.4g}")  # fmt: skip
   return result
 
 

@@ -104,6 +104,7 @@ class Reporter:
     self.peak = peak_flops()
     self.devices = jax.device_count()
     self._last_time, self._last_step = time.perf_counter(), start
+    self.last: tuple[int, dict[str, float]] | None = None  # the newest reported (step, scalars)
 
   def set_flops(self, flops: float | None) -> None:
     self.flops = flops
@@ -124,10 +125,18 @@ class Reporter:
       if self.flops and self.peak:
         values["mfu"] = self.flops * rate / (self.peak * self.devices)
     self._last_time, self._last_step = now, step
+    self.last = (step, values)
     self.writer.write_scalars(step, values)
     if self.bar is not None:
       shown = {k: v for k, v in values.items() if k in ("loss", "steps_per_s", "mfu") or k.endswith("/loss")}
       self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+
+  def summary(self) -> str | None:
+    """The newest reported scalars as one `key=value` line (what a launch script or a log scraper reads)."""
+    if self.last is None or not self.lead:
+      return None
+    step, values = self.last
+    return f"step={step} " + " ".join(f"{k}={v:.6g}" for k, v in sorted(values.items()))
 
   def close(self) -> None:
     if self.bar is not None:
