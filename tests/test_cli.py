@@ -8,7 +8,10 @@ import pytest
 from mimajax import cli, parity
 
 
-@pytest.mark.parametrize("component", ["scheduler", "vae", "unet", "clip", "motion"])
+# unet's command runs in CI in `launch/gpu_check.sh --dry-run` (tests/test_gpu_check.py) and the motion U-Net's
+# parity in tests/test_motion.py; their runs of this command are left to `-m slow`.
+@pytest.mark.parametrize("component", ["scheduler", "vae", pytest.param("unet", marks=pytest.mark.slow), "clip",
+                                       pytest.param("motion", marks=pytest.mark.slow)])  # fmt: skip
 def test_parity_command_prints_rel_err_last(component, capsys):
   assert cli.main(["parity", "--component", component, "--size", "tiny"]) == 0
   last = capsys.readouterr().out.strip().splitlines()[-1]

@@ -48,6 +48,7 @@ class Container(nnx.Module):
       setattr(self, name, module)
 
 
+@pytest.mark.slow  # the same command runs in CI in `launch/gpu_check.sh --dry-run` (tests/test_gpu_check.py)
 def test_parity_command_tiny_within_tolerance(capsys):
   assert "mmfa_init" in parity.COMPONENTS and parity.TOLERANCES["mmfa_init"] == 1e-4
   assert cli.main(["parity", "--component", "mmfa_init"]) == 0
