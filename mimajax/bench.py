@@ -43,21 +43,16 @@ def device_peak_flops(device: jax.Device) -> float | None:
   return None
 
 
-def _median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def _timed(fn: Callable[[], None]) -> float:
   t0 = time.perf_counter()
   fn()
   return time.perf_counter() - t0
+
+
+def _median_time(fn: Callable[[], None], warmup: int, repeats: int) -> float:
+  for _ in range(warmup):
+    fn()
+  return statistics.median(_timed(fn) for _ in range(repeats))
 
 
 @dataclasses.dataclass(frozen=True)

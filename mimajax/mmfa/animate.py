@@ -105,13 +105,19 @@ def _expression_vae(path: str | None):
   return expression_vae_stage.load(path)
 
 
-def animate_frames(inference, source_image: np.ndarray, *, driver_crops=None, driver_rotations=None,
+def encode_portrait(inference, crop: np.ndarray):
+  """The source's encoding (appearance volume, x_c, its own eq. 5 motion, f_exp) from its face crop (`face_crop`),
+  with R from its landmark pose fit."""
+  return inference.encode_source(crop, pose.rotations(crop[None])[0])
+
+
+def animate_frames(inference, crop: np.ndarray, *, source=None, driver_crops=None, driver_rotations=None,
                    edits: Edits = Edits(), frames: int = DEFAULT_EDIT_FRAMES, relative: bool = False,
                    expression_vae: str | None = None) -> np.ndarray:  # fmt: skip
-  """Frames (T, R, R, 3) uint8 of the source portrait, driven and/or edited."""
-  crop = face_crop(source_image, "the source image")
-  r_source = pose.rotations(crop[None])[0]
-  source = inference.encode_source(crop, r_source)
+  """Frames (T, R, R, 3) uint8 of the source's face crop (`face_crop`), driven and/or edited; `source`: its
+  `encode_portrait`, when the caller has it already."""
+  source = encode_portrait(inference, crop) if source is None else source
+  r_source = source.motion.rotation[0]
   if driver_crops is not None:
     head, f_exp = inference.codes(driver_crops)
     rotations = jnp.asarray(driver_rotations, jnp.float32)
@@ -150,10 +156,10 @@ def read_driver(path: str, max_frames: int | None) -> tuple[np.ndarray, np.ndarr
   return crops, pose.rotations(crops), video_io.video_fps(path)
 
 
-def side_by_side_columns(inference, image: np.ndarray, driver_crops, frames: np.ndarray) -> list[np.ndarray]:
-  """source crop | driver crops (when driven by a video) | output, each at the model's resolution."""
+def side_by_side_columns(inference, crop: np.ndarray, driver_crops, frames: np.ndarray) -> list[np.ndarray]:
+  """source face crop | driver crops (when driven by a video) | output, each at the model's resolution."""
   res = inference.resolution
-  columns = [detection.crop_and_resize(face_crop(image, "the source image"), None, res)]
+  columns = [detection.crop_and_resize(crop, None, res)]
   if driver_crops is not None:
     columns.append(np.stack([detection.crop_and_resize(c, None, res) for c in driver_crops]))
   return columns + [frames]
@@ -192,19 +198,19 @@ def run(args) -> int:
     if not args.driving and edits == Edits():
       raise ValueError("nothing to animate: give --driving VIDEO and/or --edit KEY=VALUE")
     image = video_io.read_image(args.source)
-    face_crop(image, "the source image")  # before the checkpoint loads: a bad portrait fails in seconds
+    crop = face_crop(image, "the source image")  # before the checkpoint loads: a bad portrait fails in seconds
     crops = rotations = None
     fps = args.fps or video_io.DEFAULT_FPS
     if args.driving:
       crops, rotations, driver_fps = read_driver(args.driving, args.frames)
       fps = args.fps or driver_fps or video_io.DEFAULT_FPS
     inference = load_inference(args.checkpoint, use_ema=not args.no_ema)
-    frames = animate_frames(inference, image, driver_crops=crops, driver_rotations=rotations, edits=edits,
+    frames = animate_frames(inference, crop, driver_crops=crops, driver_rotations=rotations, edits=edits,
                             frames=args.frames or DEFAULT_EDIT_FRAMES, relative=args.relative,
                             expression_vae=args.expression_vae)  # fmt: skip
     video_io.write_mp4(args.out, video_io.even_frames(frames), fps)
     if args.side_by_side:
-      columns = side_by_side_columns(inference, image, crops, frames)
+      columns = side_by_side_columns(inference, crop, crops, frames)
       video_io.write_mp4(args.side_by_side, video_io.even_frames(video_io.side_by_side(columns)), fps)
   except video_io.VideoWriteError as e:
     return cli_errors.report(PROG, e, code=EXIT_FAILED)

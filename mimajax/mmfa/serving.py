@@ -14,7 +14,7 @@ import numpy as np
 
 from mimajax import serving, video_io
 from mimajax.faces import detection
-from mimajax.mmfa import animate, pose
+from mimajax.mmfa import animate
 from mimajax.mmfa.inference import load_inference
 from mimajax.mmfa.samples import draw_keypoints
 
@@ -62,18 +62,19 @@ def load_served(path: str | Path, options: Mapping[str, Any]) -> serving.ServedM
     else:
       raise ValueError(f"MMFA is driven by a video or by edits, not by {request.driver}")
     progress(0.3, "animating")
-    frames = animate.animate_frames(inference, image, driver_crops=crops, driver_rotations=rotations, edits=edits,
-                                    frames=request.frames or animate.DEFAULT_EDIT_FRAMES, relative=request.relative,
-                                    expression_vae=str(vae) if vae else None)  # fmt: skip
-    source = inference.encode_source(crop, pose.rotations(crop[None])[0])
+    source = animate.encode_portrait(inference, crop)  # once: for the frames and for the keypoint picture
+    frames = animate.animate_frames(inference, crop, source=source, driver_crops=crops, driver_rotations=rotations,
+                                    edits=edits, frames=request.frames or animate.DEFAULT_EDIT_FRAMES,
+                                    relative=request.relative, expression_vae=str(vae) if vae else None)  # fmt: skip
+    columns = animate.side_by_side_columns(inference, crop, crops, frames)
     shown = max(res, KEYPOINT_VIEW)  # drawn on a larger crop: a 64-px model's keypoints are dots of one pixel
     model_input = draw_keypoints(detection.crop_and_resize(crop, None, shown), np.asarray(source.keypoints()[0]),
                                  radius=max(2, shown // 80))  # fmt: skip
     return serving.Result(
       frames=frames,
       fps=fps,
-      source_crop=detection.crop_and_resize(crop, None, res),
-      columns=animate.side_by_side_columns(inference, image, crops, frames),
+      source_crop=columns[0],
+      columns=columns,
       model_input=model_input,
       model_input_label="the source's keypoints x_s = s (R x_c + delta) + t (eq. 5)",
       summary=f"{len(frames)} frames at {res} px, {fps:g} fps",
