@@ -156,30 +156,59 @@ def frozen_shardings(frozen: dict, rules: dict, mesh) -> dict:
   }
 
 
-def init_sharded_state(task: families.Task, optimizers, rng, mesh, *, ema: bool = False) -> train_step.TrainState:
-  """The TrainState laid out on the mesh: each group's parameters by its logical rules, its optimizer moments
-  and EMA like the parameters (tx.init under jit with explicit out_shardings), counters, rng and extra replicated."""
+def state_layout(task: families.Task, optimizers, mesh, *, ema: bool = False) -> tuple[Any, Any]:
+  """(shapes, shardings) of the TrainState, as jax.ShapeDtypeStruct and NamedSharding trees, with nothing allocated:
+  each group's parameters laid out by its logical rules, its optimizer moments and EMA like the parameters,
+  counters, rng and extra replicated. `init_sharded_state` places a state by it; `mimajax bench memory` compiles
+  the step against it at sizes whose state would not fit in this host's memory."""
   _, params, rests = train_step.split_groups(task.modules)
   buffers = train_step.carried(rests)
   rep = sharding.replicated(mesh)
+  abstract = lambda tree, shardings: jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=s), tree, shardings
+  )
   param_sh = {g: sharding.state_shardings(params[g], mesh, task.axis_rules[g]) for g in params}
-  params = jax.device_put(params, param_sh)
-  opt_state = {}
-  for g, tx in optimizers.items():
-    opt_sh = like_params(jax.eval_shape(tx.init, params[g]), params[g], rep)
-    opt_state[g] = jax.jit(tx.init, out_shardings=opt_sh)(params[g])
-  return train_step.TrainState(
-    step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+  params = abstract(params, param_sh)
+  opt_state = {g: jax.eval_shape(tx.init, params[g]) for g, tx in optimizers.items()}
+  opt_sh = {g: like_params(opt_state[g], params[g], rep) for g in opt_state}
+  buffer_sh = {g: sharding.state_shardings(b, mesh, task.axis_rules[g]) for g, b in buffers.items()}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  shapes = train_step.TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32),
     params=params,
     opt_state=opt_state,
-    rng=jax.device_put(rng, rep),
-    extra=jax.device_put(task.extra, rep) if task.extra is not None else None,
-    ema_params=jax.jit(lambda p: jax.tree.map(jnp.copy, p))(params) if ema else None,
-    buffers=jax.device_put(
-      buffers, {g: sharding.state_shardings(b, mesh, task.axis_rules[g]) for g, b in buffers.items()}
-    )
-    if buffers
-    else None,  # fmt: skip
+    rng=key,
+    extra=jax.eval_shape(lambda: task.extra) if task.extra is not None else None,
+    ema_params=params if ema else None,
+    buffers=abstract(buffers, buffer_sh) if buffers else None,
+  )
+  shardings = train_step.TrainState(
+    step=rep,
+    params=param_sh,
+    opt_state=opt_sh,
+    rng=rep,
+    extra=jax.tree.map(lambda _: rep, task.extra) if task.extra is not None else None,
+    ema_params=param_sh if ema else None,
+    buffers=buffer_sh if buffers else None,
+  )
+  return shapes, shardings
+
+
+def init_sharded_state(task: families.Task, optimizers, rng, mesh, *, ema: bool = False) -> train_step.TrainState:
+  """The TrainState laid out on the mesh by `state_layout` (tx.init under jit with explicit out_shardings)."""
+  _, params, rests = train_step.split_groups(task.modules)
+  buffers = train_step.carried(rests)
+  _, sh = state_layout(task, optimizers, mesh, ema=ema)
+  params = jax.device_put(params, sh.params)
+  opt_state = {g: jax.jit(tx.init, out_shardings=sh.opt_state[g])(params[g]) for g, tx in optimizers.items()}
+  return train_step.TrainState(
+    step=jax.device_put(jnp.zeros((), jnp.int32), sh.step),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(rng, sh.rng),
+    extra=jax.device_put(task.extra, sh.extra) if task.extra is not None else None,
+    ema_params=jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=sh.params)(params) if ema else None,
+    buffers=jax.device_put(buffers, sh.buffers) if buffers else None,
   )
 
 
