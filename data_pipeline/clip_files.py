@@ -99,8 +99,10 @@ def read_video(path: str) -> np.ndarray:
   return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
 
 
-def clip_face_box(path: str, margin: float = detection.FACE_MARGIN) -> tuple[int, int, int] | None:
+def clip_face_box(
+  path: str, margin: float = detection.FACE_MARGIN, detector: str = detection.DEFAULT_DETECTOR, face_index: int = 0
+) -> tuple[int, int, int] | None:
   """The crop="detect" box (x0, y0, side) of the clip at `path`: detection.video_face_box of its frames (the frames
   between the searched ones are only grabbed, not converted); None if no face was found."""
   frames = (rgb for _, rgb in read_frames(path, detection.VIDEO_STEP))
-  return detection.frames_face_box(frames, margin, detection.MAX_DETECTIONS)
+  return detection.frames_face_box(frames, margin, detection.MAX_DETECTIONS, detector, face_index)

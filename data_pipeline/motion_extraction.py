@@ -52,12 +52,15 @@ class ExtractOptions:
 
   crop: str = "center"
   face_margin: float = detection.FACE_MARGIN
+  face_detector: str = detection.DEFAULT_DETECTOR
+  face_index: int = 0
   components: int = EXPRESSION_DIM
   max_gap: int = 12  # longest run of frames without a face that is interpolated
 
   def __post_init__(self):
     if self.crop not in ("center", "detect"):
       raise ValueError(f"crop={self.crop!r}; expected 'center' or 'detect' (as prepare's --crop)")
+    detection.check_detector(self.face_detector)
     if not 1 <= self.components <= EXPRESSION_DIM:
       raise ValueError(f"components={self.components}; expected 1..{EXPRESSION_DIM} (the expression columns)")
     if self.max_gap < 0:
@@ -103,12 +106,12 @@ class ShapePCA:
 
 
 def crop_box(video_path: str, options: ExtractOptions) -> tuple[int, int, int] | None:
-  """prepare's crop of this clip: (x0, y0, side), None for the centre square; raises ValueError for no Haar face."""
+  """prepare's crop of this clip: (x0, y0, side), None for the centre square; raises ValueError for no face."""
   if options.crop == "center":
     return None
-  box = clip_files.clip_face_box(video_path, options.face_margin)
+  box = clip_files.clip_face_box(video_path, options.face_margin, options.face_detector, options.face_index)
   if box is None:
-    raise ValueError("the Haar cascade found no face, so prepare has no crop for this clip")
+    raise ValueError(f"the {options.face_detector} face detector found no face, so prepare has no crop for this clip")
   return box
 
 
@@ -139,7 +142,10 @@ def _paths(entry: clip_files.VideoEntry, coefficients_dir) -> tuple[Path, Path]:
 
 
 def _cache_key(options: ExtractOptions) -> dict:
-  return dict(version=CACHE_VERSION, crop=options.crop, face_margin=options.face_margin)
+  key = dict(version=CACHE_VERSION, crop=options.crop, face_margin=options.face_margin)
+  if options.crop == "detect":  # the box depends on them
+    key.update(face_detector=options.face_detector, face_index=options.face_index)
+  return key
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -353,6 +359,9 @@ def add_arguments(p) -> None:
   p.add_argument("--workers", type=int, default=1, help="processes for the landmark pass")
   p.add_argument("--crop", default=d.crop, choices=["center", "detect"], help="must match prepare's --crop")
   p.add_argument("--face-margin", type=float, default=d.face_margin, help="must match prepare's --face-margin")
+  p.add_argument("--face-detector", default=d.face_detector, choices=list(detection.DETECTORS),
+                 help="must match prepare's --face-detector")  # fmt: skip
+  p.add_argument("--face-index", type=int, default=d.face_index, help="must match prepare's --face-index")
   p.add_argument("--max-gap", type=int, default=d.max_gap, help="longest run of faceless frames to interpolate")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--estimator", default="mediapipe", choices=ESTIMATORS,
@@ -364,8 +373,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  options = ExtractOptions(crop=args.crop, face_margin=args.face_margin, components=args.components,
-                           max_gap=args.max_gap)  # fmt: skip
+  options = ExtractOptions(crop=args.crop, face_margin=args.face_margin, face_detector=args.face_detector,
+                           face_index=args.face_index, components=args.components, max_gap=args.max_gap)  # fmt: skip
   s = extract_motion(args.input, args.coefficients, options=options, workers=args.workers,
                      progress=not args.no_progress, estimator=getattr(args, "estimator", "mediapipe"),
                      d3dfr_weights=getattr(args, "d3dfr_weights", None), bfm=getattr(args, "bfm", None))  # fmt: skip

@@ -5,8 +5,8 @@ coefficient file `<clip>.npy` or Deep3DFaceRecon `<clip>.mat` (key `coeff`) with
 257 columns (261 with the release's gaze), found under `--coefficients` (same relative path) or beside
 the video (clip_files.py finds them; mimajax.face3d.coefficient_files reads them); `--extract-motion` first writes
 MediaPipe-derived ones for clips without any (motion_extraction.py, which also puts its landmark 3DMM
-`face_model.npz` into the output). Frames are the centre square or, with `--crop detect`, the clip's Haar face box
-(mimajax.faces.detection, the crop `mimajax animate` makes too), resized. Output:
+`face_model.npz` into the output). Frames are the centre square or, with `--crop detect`, the clip's face box
+(mimajax.faces.detection: BlazeFace, Haar where it finds none; the crop `mimajax animate` makes too), resized. Output:
 `records-KKKKK-of-NNNNN.array_record` shards of `records.Record`s (segments of up to `frames_per_record`
 consecutive frames), a `.json` beside each shard with its counts, and
 `manifest.json` (options, identity vocabulary, shard list, counts, every skipped clip and why).
@@ -75,14 +75,19 @@ class PrepareOptions:
   shard_size: int = 64  # videos per shard
   image_format: str = "jpeg"  # or "png" (lossless, larger)
   quality: int = 90  # JPEG quality
-  crop: str = "center"  # "center": centre square (VoxCeleb2 clips are face tracks); "detect": Haar face box
+  crop: str = "center"  # "center": centre square (VoxCeleb2 clips are face tracks); "detect": the detected face's box
   face_margin: float = detection.FACE_MARGIN  # crop side / detected face side (crop="detect")
+  face_detector: str = detection.DEFAULT_DETECTOR  # crop="detect": detection.DETECTORS
+  face_index: int = 0  # crop="detect" with several faces: the face_index-th largest (0: the largest, the speaker)
   min_frames: int = 2  # a source frame and a target frame
   coefficient_dim: int | None = None  # None accepts 257 and 261
 
   def __post_init__(self):
     if self.crop not in ("center", "detect"):
       raise ValueError(f"crop={self.crop!r}; expected 'center' or 'detect'")
+    detection.check_detector(self.face_detector)
+    if self.face_index < 0:
+      raise ValueError(f"face_index={self.face_index}; expected >= 0 (0: the largest face)")
     if self.image_format not in records.IMAGE_FORMATS:
       raise ValueError(f"image_format={self.image_format!r}; expected one of {records.IMAGE_FORMATS}")
     if self.coefficient_dim not in (None, *records.COEFFICIENT_DIMS):
@@ -138,10 +143,11 @@ def process_video(entry: clip_files.VideoEntry, identity: int, options: PrepareO
   coeffs = _clip_coefficients(entry.coefficient_path, options.coefficient_dim)
   box = None
   if options.crop == "detect":
-    box = clip_files.clip_face_box(entry.video_path, options.face_margin)
+    box = clip_files.clip_face_box(entry.video_path, options.face_margin, options.face_detector, options.face_index)
     if box is None:
       _check_decodes(entry.video_path)  # a broken file is unreadable, not faceless
-      raise SkipVideo("no_face", f"{entry.video_path}: the Haar cascade found no face in the sampled frames")
+      raise SkipVideo("no_face", f"{entry.video_path}: the {options.face_detector} face detector found no face "
+                                 f"(index {options.face_index}) in the sampled frames")  # fmt: skip
   frames = []
   for _, rgb in clip_files.read_frames(entry.video_path):
     frames.append(
@@ -260,7 +266,9 @@ def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
 
     summary = extraction.extract_motion(input_dir, coefficients_dir, workers=workers, progress=progress,
                                         options=extraction.ExtractOptions(crop=options.crop,
-                                                                          face_margin=options.face_margin))  # fmt: skip
+                                                                          face_margin=options.face_margin,
+                                                                          face_detector=options.face_detector,
+                                                                          face_index=options.face_index))  # fmt: skip
     face_model = summary["face_model"]
     if coefficients_source == "provided":
       coefficients_source = "provided+mediapipe" if summary["provided"] else "mediapipe"
@@ -366,6 +374,10 @@ def add_arguments(p) -> None:
   p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
   p.add_argument("--crop", default=d.crop, choices=["center", "detect"])
   p.add_argument("--face-margin", type=float, default=d.face_margin)
+  p.add_argument("--face-detector", default=d.face_detector, choices=list(detection.DETECTORS),
+                 help="--crop detect: auto (BlazeFace, Haar where it finds none), blazeface or haar")  # fmt: skip
+  p.add_argument("--face-index", type=int, default=d.face_index,
+                 help="--crop detect, several faces: the face-index-th largest (0: the largest)")  # fmt: skip
   p.add_argument("--image-format", default=d.image_format, choices=list(records.IMAGE_FORMATS))
   p.add_argument("--quality", type=int, default=d.quality, help="JPEG quality")
   p.add_argument("--min-frames", type=int, default=d.min_frames)

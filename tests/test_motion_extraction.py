@@ -1,5 +1,6 @@
 """Offline motion extraction: exact pose on synthetic faces, PCA, gaze, the landmark model file, and the real clip."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -176,8 +177,8 @@ def test_mesh_triangles_face_the_camera():
 
 
 def test_missing_mediapipe_is_a_clear_error_naming_the_install_command(monkeypatch):
-  real = face_landmarks.importlib.util.find_spec
-  monkeypatch.setattr(face_landmarks.importlib.util, "find_spec", lambda n: None if n == "mediapipe" else real(n))
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "mediapipe" else real(n))
   with pytest.raises(face_landmarks.LandmarkerUnavailable, match=r"pip install --no-deps mediapipe==0\.10\.21"):
     me.extract_motion("/nonexistent", progress=False)
 

@@ -1,7 +1,7 @@
 """Release-style 261-column coefficients from face crops: five points -> aligned crop -> Deep3DFaceRecon's network.
 
 The estimator behind `mimajax extract-motion --estimator d3dfr` and animate's video drivers (`estimator=`). Per
-frame of a face crop (prepare's crop, or animate's Haar crop) and its FaceMesh landmarks (224-px crop pixels, as the
+frame of a face crop (prepare's crop, or animate's face crop) and its FaceMesh landmarks (224-px crop pixels, as the
 landmark pass caches them):
 
   the crop resized to the release's 512 frame -> five points (mimajax.faces.alignment.five_points: iris centres

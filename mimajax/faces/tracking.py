@@ -44,7 +44,8 @@ def video_crops(path, max_frames: int | None = None) -> tuple[tuple[int, int, in
   the detector sees no face in it."""
   box = detection.video_face_box(video_io.iter_video(path, max_frames))
   if box is None:
-    raise ValueError(f"no face found in the driving video {path}: the Haar detector saw none in its frames")
+    raise ValueError(f"no face found in the driving video {path}: the {detection.DEFAULT_DETECTOR} face detector "
+                     f"saw none in every {detection.VIDEO_STEP}th frame")  # fmt: skip
 
   def crops():
     for frame in video_io.iter_video(path, max_frames):

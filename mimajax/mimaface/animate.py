@@ -1,6 +1,6 @@
 """`mimajax animate` (MIMAFace inference): a portrait driven by a video, a coefficient file (audio) or edits.
 
-  source portrait -> Haar face box (as `prepare --crop detect`) -> square crop at the model's resolution
+  source portrait -> face box (faces.detection, as `prepare --crop detect`) -> square crop at the model's resolution
   driver -> 3DMM rows (mimajax.mimaface.driving) -> blended with the source's own coefficients (the release's blend)
   rows -> I_R render latents (mimajax.mimaface.conditioning); source + rows -> MIA appearance context, per clip
   clip by clip (ClipSampler: DDIM/Euler with CFG): clip 1 unconditioned, every later clip starts k frames before
@@ -59,14 +59,7 @@ class Animation:
 
 def find_face(image, margin: float = detection.FACE_MARGIN, *, what: str = "the source image") -> tuple[int, int, int]:
   """`detection.image_face_box`, or ValueError "no face found in the source ..." (a bad portrait)."""
-  image = video_io.as_rgb(image, what)
-  box = detection.image_face_box(image, margin)
-  if box is None:
-    raise ValueError(
-      f"no face found in {what} ({image.shape[1]}x{image.shape[0]}): the Haar detector needs a clearly visible, "
-      "roughly frontal face of at least 1/8 of the image's shorter side"
-    )
-  return box
+  return detection.require_image_face_box(video_io.as_rgb(image, what), what, margin)
 
 
 def crop_source(image, resolution: int, *, box: tuple[int, int, int] | None = None) -> np.ndarray:

@@ -5,7 +5,7 @@ the release's gaze). Readers (`read_driving`):
 
   .npy, .mat       coefficient files (mimajax.face3d.coefficient_files: Deep3DFaceRecon's `coeff`, its PyTorch port's
                    groups, SadTalker's audio-driven `coeff_3dmm`), the reader `mimajax prepare` uses too
-  video            FaceMesh landmarks of its Haar face crop (mimajax.faces.detection, as `prepare --crop detect`),
+  video            FaceMesh landmarks of its face crop (mimajax.faces.detection, as `prepare --crop detect`),
                    streamed; rows in the checkpoint's landmark face model (`with_motion`), fitted by
                    mimajax.faces.motion_fit as the dataset's motion extraction fits them
 
@@ -89,7 +89,7 @@ def motion_from_landmarks(landmarks: np.ndarray, face_model) -> np.ndarray:
 
 
 def read_video_driver(path, *, max_frames: int | None = None, previews: bool = False, estimator=None) -> Driving:
-  """A driving video, streamed twice (Haar crop, then FaceMesh landmarks): memory does not grow with its pixels.
+  """A driving video, streamed twice (face crop, then FaceMesh landmarks): memory does not grow with its pixels.
 
   `estimator`: None for rows from the landmarks later (`with_motion`), or a callable (crops, landmarks) -> rows
   (T, 261) that computes them now from a third pass over the crops (mimajax.faces.d3dfr_motion.D3DFRMotion.rows).

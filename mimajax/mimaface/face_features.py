@@ -2,7 +2,7 @@
 
 What the official release (MIMAFace2024/MIMAFace) feeds its MIA, in `infer_video.py` and `train_video.py` alike:
 
-  frame      the 512-px face crop the model animates (the release's MTCNN-box crop; ours: animate's Haar crop)
+  frame      the 512-px face crop the model animates (the release's MTCNN-box crop; ours: animate's face crop)
   5 points   MTCNN's (facenet_pytorch) landmarks on that frame: eye, eye, nose tip, mouth corner, mouth corner
              (image left first)
   matrix     `face_util.get_affine_transform(pts5, mean_face_lm5p_256)`: the least-squares similarity (scale,

@@ -29,8 +29,16 @@ EDITS = (
 def _options(sampler) -> tuple[serving.Control, ...]:
   return (
     serving.Control("steps", "Sampler steps", "number", int(sampler.num_inference_steps), 1, 200, 1),
-    serving.Control("guidance", "Guidance", "slider", float(sampler.guidance_scale), 1.0, 10.0, 0.1,
-                    "classifier-free guidance; 1: none"),  # fmt: skip
+    serving.Control(
+      "guidance",
+      "Guidance",
+      "slider",
+      float(sampler.guidance_scale),
+      1.0,
+      10.0,
+      0.1,
+      "classifier-free guidance; 1: none",
+    ),  # fmt: skip
     serving.Control("scheduler", "Scheduler", "choice", sampler.scheduler, choices=tuple(SCHEDULERS)),
   )
 

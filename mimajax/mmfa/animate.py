@@ -79,10 +79,7 @@ def parse_edits(specs) -> Edits:
 def face_crop(image: np.ndarray, what: str) -> np.ndarray:
   """The aligned face crop of an image at the face box's own size (the pipeline's crop), or ValueError."""
   image = video_io.as_rgb(image, what)
-  box = detection.image_face_box(image)
-  if box is None:
-    raise ValueError(f"no face found in {what} ({image.shape[1]}x{image.shape[0]}): the Haar detector needs a clearly "
-                     "visible, roughly frontal face of at least 1/8 of the image's shorter side")  # fmt: skip
+  box = detection.require_image_face_box(image, what)
   return detection.crop_and_resize(image, box, box[2])
 
 
