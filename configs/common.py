@@ -162,6 +162,9 @@ def data_config(stage: int) -> ml_collections.ConfigDict:
       blend_source=False,
       face_model="",  # "": <path>/face_model.npz when present, else the synthetic model; or a BFM .mat / .npz
       render_shading="sh",
+      # A latent cache at `path` (`mimajax cache-latents`): "auto" uses it when it is this run's (VAE, face model,
+      # resolution, shading; flip off), "always" fails otherwise, "never" encodes in the step. Our choice.
+      latents="auto",
     )
   )
 

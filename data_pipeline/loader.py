@@ -73,10 +73,15 @@ class LoaderConfig:
   # Speakers (manifest identity names) whose records are left out, e.g. frames a stage must never see so they can be
   # held out for its evaluation; each record's header is read once when the dataset is built.
   exclude_identities: tuple[str, ...] = ()
+  # A latent cache's records (latent_cache.py): the clip's `latents` and `render_latents` (float32) join the sample;
+  # the family decides whether they are the step's own (its VAE, face model and resolution).
+  latents: bool = False
 
   def __post_init__(self):
     if self.num_frames < 1 or self.stride < 1 or self.batch_size < 1:
       raise ValueError(f"num_frames, stride and batch_size must be >= 1: {self}")
+    if self.latents and self.flip:
+      raise ValueError("latents with flip: a latent cache holds the unflipped frames' latents (turn one off)")
 
   @property
   def min_record_frames(self) -> int:
@@ -194,8 +199,17 @@ class RandomClip:
       record_index=np.int32(index),
       flipped=np.bool_(flipped),
     )
+    keys = ("frames", "motion", "frame_indices")
+    if cfg.latents:
+      if rec.latents is None:
+        raise ValueError(f"{rec.video_id}: the loader was asked for latents and this record has none (expected "
+                         "a `mimajax cache-latents` output)")  # fmt: skip
+      out.update(
+        latents=rec.latents[clip].astype(np.float32), render_latents=rec.render_latents[clip].astype(np.float32)
+      )
+      keys += ("latents", "render_latents")
     if f == 1:  # image mode: stage 1 has no frame axis
-      for key in ("frames", "motion", "frame_indices"):
+      for key in keys:
         out[key] = out[key][0]
     return out
 

@@ -6,9 +6,12 @@ Granularity: a video of N frames is cut into ceil(N / frames_per_record) segment
 and a record stays small enough (~64 JPEGs) that reading it whole to decode 13 frames costs little.
 
 Binary layout (little-endian, no dependency beyond numpy):
-  b"MIMAREC1" | uint32 header length | header (UTF-8 JSON) | coefficients float32 (n, d) | frame bytes
+  b"MIMAREC1" | uint32 header length | header (UTF-8 JSON) | coefficients float32 (n, d)
+    [| latents (n, h, w, c) | render latents (n, h, w, c)] | frame bytes
 The header holds video_id, speaker, identity, frame_indices, the byte length of each frame, the
-coefficient dim, the image format ("jpeg", or lossless "png") and the frame size.
+coefficient dim, the image format ("jpeg", or lossless "png") and the frame size, and, in a record of a latent
+cache (data_pipeline/latent_cache.py), latent_shape (h, w, c) and latent_dtype ("float32" | "float16"): the
+frozen VAE's scaled posterior-mean latents of each frame and of each frame's render I_R.
 
 The TFDS builder (voxceleb2_mima.py) stores the same Record as a TFDS example (`to_tfds_example`); the loader
 reads those back with `from_tfds_example`, so reading a TFDS source needs this module only, not the builder (which
@@ -29,6 +32,7 @@ WRITER_OPTIONS = "group_size:1,uncompressed"
 IMAGE_FORMATS = ("jpeg", "png")
 # Deep3DFaceRecon layout (257 columns); the MIMAFace release appends 4 gaze columns.
 COEFFICIENT_DIMS = (257, 261)
+LATENT_DTYPES = ("float32", "float16")
 
 
 @dataclasses.dataclass
@@ -44,6 +48,8 @@ class Record:
   height: int
   width: int
   image_format: str = "jpeg"
+  latents: np.ndarray | None = None  # (n, h, w, c) the frames' VAE latents (a latent cache's records)
+  render_latents: np.ndarray | None = None  # (n, h, w, c) the VAE latents of the frames' renders
 
   def __post_init__(self):
     self.frame_indices = np.asarray(self.frame_indices, np.int32)
@@ -55,6 +61,15 @@ class Record:
       raise ValueError(f"{self.video_id}: coefficients have shape {self.coefficients.shape}; expected ({n}, d)")
     if self.image_format not in IMAGE_FORMATS:
       raise ValueError(f"{self.video_id}: image_format {self.image_format!r}; expected one of {IMAGE_FORMATS}")
+    if (self.latents is None) != (self.render_latents is None):
+      raise ValueError(f"{self.video_id}: latents and render_latents come together (a latent cache stores both)")
+    if self.latents is not None:
+      for name in ("latents", "render_latents"):
+        x = np.asarray(getattr(self, name))
+        if x.ndim != 4 or x.shape[0] != n or x.shape != np.shape(self.latents) or x.dtype.name not in LATENT_DTYPES:
+          raise ValueError(f"{self.video_id}: {name} {x.dtype}{x.shape}; expected ({n}, h, w, c) of {LATENT_DTYPES}, "
+                           "the same shape for both")  # fmt: skip
+        setattr(self, name, x)
 
   @property
   def num_frames(self) -> int:
@@ -74,9 +89,14 @@ def encode_record(record: Record) -> bytes:
     height=int(record.height),
     width=int(record.width),
   )
+  latents = []
+  if record.latents is not None:
+    header.update(latent_shape=list(record.latents.shape[1:]), latent_dtype=record.latents.dtype.name)
+    dtype = np.dtype(record.latents.dtype).newbyteorder("<")
+    latents = [np.ascontiguousarray(x, dtype).tobytes() for x in (record.latents, record.render_latents)]
   head = json.dumps(header, separators=(",", ":")).encode()
   coeffs = np.ascontiguousarray(record.coefficients, "<f4").tobytes()
-  return b"".join([MAGIC, struct.pack("<I", len(head)), head, coeffs, *record.frames])
+  return b"".join([MAGIC, struct.pack("<I", len(head)), head, coeffs, *latents, *record.frames])
 
 
 def decode_record(data: bytes, *, copy_frames: bool = True) -> Record:
@@ -94,6 +114,18 @@ def decode_record(data: bytes, *, copy_frames: bool = True) -> Record:
   n, d = len(header["frame_sizes"]), header["coefficient_dim"]
   coeffs = np.frombuffer(data, "<f4", count=n * d, offset=offset).reshape(n, d).astype(np.float32)
   offset += 4 * n * d
+  latents = [None, None]
+  if "latent_shape" in header:
+    if header.get("latent_dtype") not in LATENT_DTYPES:
+      raise ValueError(f"record of {header['video_id']}: latent_dtype {header.get('latent_dtype')!r}; "
+                       f"expected one of {LATENT_DTYPES}")  # fmt: skip
+    dtype, shape = np.dtype(header["latent_dtype"]).newbyteorder("<"), (n, *header["latent_shape"])
+    count = int(np.prod(shape))
+    for i in range(2):
+      if offset + count * dtype.itemsize > len(data):
+        raise ValueError(f"record of {header['video_id']} ends inside its latents (truncated or corrupt)")
+      latents[i] = np.frombuffer(data, dtype, count=count, offset=offset).reshape(shape).astype(dtype.name)
+      offset += count * dtype.itemsize
   frames, view = [], memoryview(data)
   for size in header["frame_sizes"]:
     frame = view[offset : offset + size]
@@ -111,6 +143,8 @@ def decode_record(data: bytes, *, copy_frames: bool = True) -> Record:
     height=header["height"],
     width=header["width"],
     image_format=header["image_format"],
+    latents=latents[0],
+    render_latents=latents[1],
   )
 
 

@@ -1,7 +1,7 @@
 """`mimajax bench memory`: a training step's memory per device under FSDP, read from the compiler on simulated devices.
 
   mimajax bench memory [--configs configs/sd15_stage1.py,configs/sd15_stage2.py] [--devices 1,2,4,8]
-                       [--remat none,full,dots,dots_no_batch] [--data data/demo]
+                       [--remat none,full,dots,dots_no_batch] [--data data/demo] [--no-compile]
 
 For each stage config and remat policy the whole step (the family's task on the shared loop: prepare with the frozen
 VAE and renderer, every group's loss and gradient, the optimizer update) is lowered and compiled, never run, on 1, 2,
@@ -75,9 +75,9 @@ class Row:
   batch: int  # global
   state_bytes: float  # per device
   ideal_bytes: float  # whole state / devices
-  argument_bytes: float
-  temp_bytes: float
-  compile_s: float
+  argument_bytes: float | None  # None: not compiled (--no-compile)
+  temp_bytes: float | None
+  compile_s: float | None
 
   @property
   def overhead(self) -> float:
@@ -102,8 +102,9 @@ def _abstract(tree, shardings):
 
 
 def measure(config, *, name: str, devices: Sequence[int], policies: Sequence[str], batch_per_device: int,
-            data: str, log: Callable[[str], None] = print) -> list[Row]:  # fmt: skip
-  """The rows of one config: every policy at every device count."""
+            data: str, compile: bool = True, log: Callable[[str], None] = print) -> list[Row]:  # fmt: skip
+  """The rows of one config: every policy at every device count (compile=False: the state's rows only, one per
+  device count, from the layout alone; the remat policy does not change the state)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.update(path=data, batch_size=batch_per_device, workers=0, read_threads=1)
@@ -121,6 +122,15 @@ def measure(config, *, name: str, devices: Sequence[int], policies: Sequence[str
   optimizers = {g: train_step.make_group_optimizer(p, task.optimizers[g])
                 for g, p in train_step.split_groups(task.modules)[1].items()}  # fmt: skip
   rows = []
+  if not compile:
+    for n in devices:
+      mesh = sharding.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, jax.devices()[:n])
+      shapes, shardings = train.state_layout(task, optimizers, mesh, ema=bool(config.train.ema_decay))
+      row = Row(name, "-", n, batch_per_device * n, tree_bytes(shapes, shardings), tree_bytes(shapes) / n,
+                None, None, None)  # fmt: skip
+      log(format_row(row))
+      rows.append(row)
+    return rows
   for policy in policies:
     for module in task.modules.values():
       remat.set_remat(module, policy)  # every block of the shared U-Net (a module without one is unchanged)
@@ -158,13 +168,14 @@ HEADER = ("| config | remat | devices | batch | state / device | ideal (total / 
           "| compile |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
 
 
-def _gib(x: float) -> str:
-  return f"{x / 2**30:.3f} GiB"
+def _gib(x: float | None) -> str:
+  return "-" if x is None else f"{x / 2**30:.3f} GiB"
 
 
 def format_row(r: Row) -> str:
+  seconds = "-" if r.compile_s is None else f"{r.compile_s:.0f} s"
   return (f"| {r.config} | {r.remat} | {r.devices} | {r.batch} | {_gib(r.state_bytes)} | {_gib(r.ideal_bytes)} | "
-          f"{r.overhead:.3f} | {_gib(r.argument_bytes)} | {_gib(r.temp_bytes)} | {r.compile_s:.0f} s |")  # fmt: skip
+          f"{r.overhead:.3f} | {_gib(r.argument_bytes)} | {_gib(r.temp_bytes)} | {seconds} |")  # fmt: skip
 
 
 def fsdp_overhead(rows: Sequence[Row], devices: int = 8) -> float | None:
@@ -180,6 +191,9 @@ def add_arguments(p) -> None:
   p.add_argument("--remat", default=",".join(remat.POLICIES), help="memory: remat policies compiled")
   p.add_argument("--batch-per-device", type=int, default=None,
                  help=f"memory: default each config's global batch / {NODE_DEVICES} (one 8-GPU node)")  # fmt: skip
+  p.add_argument("--no-compile", action="store_true",
+                 help="memory: the state's rows only (exact from the shardings; an SD1.5 step takes minutes to "
+                 "compile per mesh and policy on a CPU)")  # fmt: skip
   # --data (shared with the loader bench): a prepared dataset for the batch's shapes, resized to each config's size;
   # default data/demo
 
@@ -198,9 +212,11 @@ def main(args, log: Callable[[str], None] = print) -> int:
     per_device = args.batch_per_device or max(1, config.data.batch_size // NODE_DEVICES)
     path, _, arg = spec.partition(":")
     name = Path(path).stem + (f":{arg}" if arg else "")
+    compile = not getattr(args, "no_compile", False)
     rows += measure(config, name=name, devices=devices, policies=policies, batch_per_device=per_device,
-                    data=args.data, log=log)  # fmt: skip
-    log(f"{spec}: {len(policies)} policies x {len(devices)} meshes compiled")
+                    data=args.data, compile=compile, log=log)  # fmt: skip
+    log(f"{spec}: " + (f"{len(policies)} policies x {len(devices)} meshes compiled" if compile else
+                       f"the state on {len(devices)} meshes (not compiled)"))  # fmt: skip
   log(f"device: {jax.devices()[0].platform}, {jax.device_count()} simulated; sizes in GiB per device")
   log(HEADER)
   for r in rows:

@@ -147,6 +147,7 @@ def _bench(args) -> int:
 FAMILY_VERBS = {
   "animate": "portrait + driving video | coefficients (e.g. SadTalker audio) | edits -> mp4",
   "export": "trained model -> PyTorch formats (MIMAFace: diffusers/transformers folders + SD single files)",
+  "cache-latents": "MIMAFace: a prepared dataset + the frozen VAE -> the dataset with its frames' and renders' latents",
 }
 
 

@@ -8,6 +8,7 @@ step. Extra state: the identity memory bank of the paper variant, filled with ea
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jax
@@ -17,7 +18,16 @@ from flax import nnx
 from data_pipeline import loader
 from mimajax import families, train_step
 from mimajax.diffusion import schedulers
-from mimajax.mimaface import animate, conditioning, evaluation, export_command, pretrained, serving, vae_stage
+from mimajax.mimaface import (
+  animate,
+  conditioning,
+  evaluation,
+  export_command,
+  latent_cache,
+  pretrained,
+  serving,
+  vae_stage,
+)
 from mimajax.mimaface.inference import GROUP
 from mimajax.mimaface.memory_bank import enqueue, init_memory_bank
 from mimajax.mimaface.model import training_loss
@@ -75,7 +85,53 @@ def check_resume(saved: ml_collections.ConfigDict, config: ml_collections.Config
   families.compare_fields(saved, config, RESUME_FIELDS)
 
 
-def data_iterator(config: ml_collections.ConfigDict):
+log = logging.getLogger(__name__)
+LATENT_MODES = ("auto", "always", "never")
+
+
+def cached_latents(config: ml_collections.ConfigDict, vae, face_model) -> tuple[str, ...]:
+  """The batch keys a latent cache at config.data.path gives this run (latent_cache.py): ("latents",
+  "render_latents"), ("latents",) (renders drawn in the step), or () (no cache, or not this run's); logged."""
+  from data_pipeline import latent_cache as cache
+
+  d = config.data
+  mode = d.get("latents", "auto")
+  if mode not in LATENT_MODES:
+    raise ValueError(f"config.data.latents={mode!r}; expected one of {LATENT_MODES}")
+  section = cache.manifest_latents(d.path) if mode != "never" else None
+  if section is None:
+    if mode == "always":
+      raise ValueError(f"config.data.latents='always' but {d.path} is not a latent cache (`mimajax cache-latents`)")
+    return ()
+  refuse = []
+  if section.get("vae_digest") != latent_cache.vae_digest(vae):
+    refuse.append(f"its VAE ({section.get('vae')}) is not this run's frozen VAE")
+  if section.get("resolution") != d.resolution:
+    refuse.append(f"its latents are of {section.get('resolution')}-px frames, config.data.resolution is {d.resolution}")
+  if d.flip:
+    refuse.append("config.data.flip is on and the cache holds the unflipped frames' latents")
+  if refuse:
+    message = f"the latent cache {d.path} is not used: " + "; ".join(refuse)
+    if mode == "always":
+      raise ValueError(message)
+    log.warning("%s: frames are encoded in the step", message)
+    return ()
+  keys = ("latents",)
+  why = ""
+  if d.get("blend_source"):
+    why = "blended rows (data.blend_source) are rendered in the step"
+  elif section.get("face_model_digest") != pretrained.face_model_digest(face_model):
+    why = "its renders are of another face model"
+  elif section.get("shading") != d.render_shading:
+    why = f"its renders are {section.get('shading')}-shaded, config.data.render_shading is {d.render_shading}"
+  else:
+    keys += ("render_latents",)
+  log.info("latent cache %s: the step reads the frames' latents%s", d.path,
+           f"; {why}" if why else " and the renders' latents (no VAE encoding in the step)")  # fmt: skip
+  return keys
+
+
+def data_iterator(config: ml_collections.ConfigDict, latents: bool = False):
   """This host's Grain iterator over the prepared shards: F-frame clips plus a source frame of the same video."""
   d = config.data
   cfg = loader.LoaderConfig(
@@ -87,6 +143,7 @@ def data_iterator(config: ml_collections.ConfigDict):
     flip=d.flip,
     seed=config.seed,
     coefficient_dim=None,
+    latents=latents,
   )
   return loader.make_iterator(d.path, cfg, workers=d.workers, read_threads=d.read_threads)
 
@@ -117,6 +174,7 @@ def build_task(config: ml_collections.ConfigDict, workdir: Path) -> families.Tas
   face_model = pretrained.face_model(config, workdir)
   model, vae = pretrained.build_models(config, workdir)
   pretrained.keep_vae(vae, config, workdir)
+  cached = cached_latents(config, vae, face_model)
   t = config.train
   bank = None
   if config.model.mia.variant == "paper" and t.memory_bank_size:
@@ -148,9 +206,9 @@ def build_task(config: ml_collections.ConfigDict, workdir: Path) -> families.Tas
     losses={GROUP: loss},
     optimizers={GROUP: optimizer},
     axis_rules={GROUP: axis_rules(config)},
-    iterator=data_iterator(config),
+    iterator=data_iterator(config, latents=bool(cached)),
     images_per_step=config.data.batch_size * config.data.num_frames,
-    batch_keys=BATCH_KEYS,
+    batch_keys=BATCH_KEYS + cached,
     frozen=dict(vae=nnx.state(vae, nnx.Param), face_model=face_model),
     frozen_rules=dict(vae=tuple(config.vae_axis_rules), face_model=None),
     prepare=prepare,
@@ -178,6 +236,11 @@ FAMILY = families.Family(
       export_command.add_arguments,
       export_command.run,
       "trained model -> diffusers/transformers folders + SD single files",
+    ),
+    "cache-latents": families.Command(
+      latent_cache.add_arguments,
+      latent_cache.run,
+      "a prepared dataset + the frozen VAE -> the dataset with every frame's and render's VAE latents",
     ),
   },
 )

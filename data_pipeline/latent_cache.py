@@ -1,0 +1,114 @@
+"""A latent cache: a prepared dataset rewritten with the frozen VAE's latents of every frame and of every frame's
+render I_R stored in its records, so the train step reads them instead of encoding (the VAE is frozen in both
+stages, and its encoder is most of the step's frozen work at 512 px).
+
+  mimajax cache-latents --data data/vox --vae runs/vae --out data/vox_latents [--batch 32] [--dtype float32]
+
+The output is a dataset like the input (same shard names, records, stats files, face_model.npz) whose records carry
+`latents` and `render_latents` (records.py), and whose manifest.json gains a "latents" section: the VAE folder and
+a digest of its parameters, the face model's digest, the resolution, the render shading and the dtype. The loader
+hands them to the step as `latents` / `render_latents` only when they are the step's own (the family checks the
+section against its VAE and face model, and says in the log whether it uses the cache). The encoding itself is the
+family's (`encode`: frames and coefficients -> the two latent arrays); this module reads and writes shards.
+
+Resumable and never half-written: each shard is written under a `.tmp` name and renamed when complete, its stats
+file after it; a rerun skips complete shards (after checking the manifest's "latents" section is the same) and the
+manifest is written last, so a folder with a manifest is a complete cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from data_pipeline import records
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+FACE_MODEL = "face_model.npz"
+# frames (n, H, W, 3) uint8 at the cache's resolution, coefficients (n, d) -> (latents, render_latents) (n, h, w, c)
+Encoder = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def manifest_latents(data: str | os.PathLike) -> dict | None:
+  """The "latents" section of a prepared folder's manifest (None: not a latent cache)."""
+  path = Path(data) / MANIFEST
+  if not Path(data).is_dir() or not path.exists():
+    return None
+  return json.loads(path.read_text()).get("latents")
+
+
+def _stats(shard: Path) -> Path:
+  return shard.with_suffix(".json")
+
+
+def _replace(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def cache_latents(data: str | os.PathLike, out: str | os.PathLike, encode: Encoder, *, info: dict,
+                  resolution: int, dtype: str = "float32", progress: bool = True) -> dict:  # fmt: skip
+  """Writes the cache of `data` into `out` (see the module docstring); returns {"shards", "written", "records",
+  "frames"}. `info` (JSON-able: what produced the latents) lands in the manifest's "latents" section."""
+  from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+  if dtype not in records.LATENT_DTYPES:
+    raise ValueError(f"dtype {dtype!r}; expected one of {records.LATENT_DTYPES}")
+  src, dst = Path(data), Path(out)
+  if not (src / MANIFEST).exists():
+    raise ValueError(f"--data {src} has no {MANIFEST}: expected a `mimajax prepare` output")
+  if src.resolve() == dst.resolve():
+    raise ValueError(f"--out {dst} is --data: a cache is written beside the dataset, never over it")
+  manifest = json.loads((src / MANIFEST).read_text())
+  section = dict(info, resolution=int(resolution), dtype=dtype, source=str(src.absolute()))
+  if (dst / MANIFEST).exists():
+    old = json.loads((dst / MANIFEST).read_text()).get("latents")
+    if old != section:
+      raise ValueError(f"--out {dst} holds a latent cache made otherwise ({old}); expected {section}: use a new folder")
+  dst.mkdir(parents=True, exist_ok=True)
+  (dst / "latents.json").write_text(json.dumps(section, indent=1))  # what the shards in progress are made with
+  shards = [s["path"] for s in manifest["shards"]]
+  totals = dict(shards=len(shards), written=0, records=0, frames=0)
+  for i, name in enumerate(shards):
+    target = dst / name
+    if target.exists() and _stats(target).exists():
+      continue
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+      tmp.unlink()  # a killed run's partial shard
+    reader, writer = ArrayRecordReader(str(src / name)), ArrayRecordWriter(str(tmp), records.WRITER_OPTIONS)
+    record_frames = []
+    try:
+      for k in range(reader.num_records()):
+        rec = records.decode_record(reader.read([k])[0])
+        frames = np.stack([records.decode_frame(f, resolution) for f in rec.frames])
+        latents, renders = encode(frames, rec.coefficients)
+        rec.latents, rec.render_latents = (np.asarray(x).astype(dtype) for x in (latents, renders))
+        rec.__post_init__()  # the shapes checked before anything is written
+        writer.write(records.encode_record(rec))
+        record_frames.append(rec.num_frames)
+        totals["records"] += 1
+        totals["frames"] += rec.num_frames
+    finally:
+      writer.close()
+      reader.close()
+    os.replace(tmp, target)
+    if _stats(src / name).exists():
+      shutil.copyfile(_stats(src / name), _stats(target))
+    else:
+      _replace(_stats(target), json.dumps(dict(shard=name, record_frames=record_frames)))
+    totals["written"] += 1
+    if progress:
+      log.info("latent cache: shard %d/%d (%s) written", i + 1, len(shards), name)
+  if (src / FACE_MODEL).exists():
+    shutil.copyfile(src / FACE_MODEL, dst / FACE_MODEL)
+  _replace(dst / MANIFEST, json.dumps(dict(manifest, latents=section), indent=1))
+  return totals
