@@ -33,28 +33,14 @@ VOX256 = dict(
   num_kp=15,
   image_channel=3,
   feature_channel=32,
-  kp_detector=dict(
-    temperature=0.1,
-    block_expansion=32,
-    max_features=1024,
-    scale_factor=0.25,
-    num_blocks=5,
-    reshape_channel=16384,
-    reshape_depth=16,
-  ),  # fmt: skip
+  kp_detector=dict(temperature=0.1, block_expansion=32, max_features=1024, scale_factor=0.25, num_blocks=5,
+                   reshape_channel=16384, reshape_depth=16),  # fmt: skip
   head_estimator=dict(block_expansion=64, max_features=2048, num_bins=66),
   # first_kernel_size 3: the released face-vid2vid checkpoint (Vox-256-New, its SPADE generator) has a 3x3 `first`
   # (the original OcclusionAwareGenerator's is 7x7), so that `init_from_face_vid2vid` loads it
-  generator=dict(
-    first_kernel_size=3,
-    block_expansion=64,
-    max_features=512,
-    num_down_blocks=2,
-    reshape_channel=32,
-    reshape_depth=16,
-    num_resblocks=6,
-    estimate_occlusion_map=True,
-  ),  # fmt: skip
+  generator=dict(first_kernel_size=3, block_expansion=64, max_features=512, num_down_blocks=2, reshape_channel=32,
+                 reshape_depth=16,
+                 num_resblocks=6, estimate_occlusion_map=True),  # fmt: skip
   dense_motion=dict(block_expansion=32, max_features=1024, num_blocks=5, reshape_depth=16, compress=4),
   discriminator=dict(scales=(1,), block_expansion=32, max_features=512, num_blocks=4, sn=True),
   # MMFA's expression encoder-decoder (appendix A.1): its sizes are not given; ours.
@@ -67,27 +53,13 @@ TINY = dict(
   num_kp=10,
   image_channel=3,
   feature_channel=8,
-  kp_detector=dict(
-    temperature=0.1,
-    block_expansion=8,
-    max_features=64,
-    scale_factor=0.25,
-    num_blocks=2,
-    reshape_channel=128,
-    reshape_depth=4,
-  ),  # fmt: skip
+  kp_detector=dict(temperature=0.1, block_expansion=8, max_features=64, scale_factor=0.25, num_blocks=2,
+                   reshape_channel=128, reshape_depth=4),  # fmt: skip
   # one ResBottleneck per stage (face-vid2vid: 3, 3, 5, 2): the head network is the deepest part, and the program
   # the CPU compiles grows with its depth
   head_estimator=dict(block_expansion=8, max_features=64, num_bins=66, num_bottlenecks=(1, 1, 1, 1)),
-  generator=dict(
-    block_expansion=8,
-    max_features=64,
-    num_down_blocks=2,
-    reshape_channel=16,
-    reshape_depth=4,
-    num_resblocks=1,
-    estimate_occlusion_map=True,
-  ),  # fmt: skip
+  generator=dict(block_expansion=8, max_features=64, num_down_blocks=2, reshape_channel=16, reshape_depth=4,
+                 num_resblocks=1, estimate_occlusion_map=True),  # fmt: skip
   dense_motion=dict(block_expansion=8, max_features=32, num_blocks=2, reshape_depth=4, compress=2),
   discriminator=dict(scales=(1,), block_expansion=8, max_features=64, num_blocks=3, sn=True),
   expression=dict(block_expansion=16, num_blocks=2, exp_dim=32, decoder_hidden=(64, 64)),
@@ -196,3 +168,4 @@ def base_config(size: str, name: str) -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.axis_rules = AXIS_RULES
   return config
+
