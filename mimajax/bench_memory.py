@@ -119,8 +119,7 @@ def measure(config, *, name: str, devices: Sequence[int], policies: Sequence[str
       f"from {data} for its shapes")  # fmt: skip
   host = next(task.iterator)
   host = {k: np.asarray(host[k]) for k in (task.batch_keys or host)}
-  optimizers = {g: train_step.make_group_optimizer(p, task.optimizers[g])
-                for g, p in train_step.split_groups(task.modules)[1].items()}  # fmt: skip
+  optimizers = train.group_optimizers(task)
   rows = []
   if not compile:
     for n in devices:
@@ -134,12 +133,8 @@ def measure(config, *, name: str, devices: Sequence[int], policies: Sequence[str
   for policy in policies:
     for module in task.modules.values():
       remat.set_remat(module, policy)  # every block of the shared U-Net (a module without one is unchanged)
-    graphdefs, params, rests = train_step.split_groups(task.modules)
-    untrained = {g: train_step.untrained_paths(params[g], task.optimizers[g]) for g in params}
+    step = train.build_step(task, config, optimizers)
     t = config.train
-    step = train_step.make_train_step(graphdefs, task.losses, optimizers, rests=rests, untrained=untrained,
-                                      accumulation_steps=t.accumulation_steps, ema_decay=t.ema_decay or None,
-                                      prepare=task.prepare, update_extra=task.update_extra)  # fmt: skip
     for n in devices:
       mesh = sharding.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, jax.devices()[:n])
       shapes, shardings = train.state_layout(task, optimizers, mesh, ema=bool(t.ema_decay))

@@ -16,6 +16,7 @@ from data_pipeline.motion_extraction import add_arguments as extract_motion_argu
 from data_pipeline.prepare import add_arguments as prepare_arguments
 from mimajax import cli_errors, families
 from mimajax.bench_memory import add_arguments as bench_memory_arguments
+from mimajax.bench_train import add_arguments as bench_train_arguments
 from mimajax.errors import CheckpointReadError
 from mimajax.evaluation import command as evaluate_command
 from mimajax.parity import COMPONENTS, PARITY_TOLERANCE, TOLERANCES
@@ -108,6 +109,13 @@ def _bench(args) -> int:
       return bench_memory.main(args)
     except ValueError as e:
       return cli_errors.fail("mimajax bench memory", str(e))
+  if args.what == "train":
+    from mimajax import bench_train
+
+    try:
+      return bench_train.main(args)
+    except ValueError as e:
+      return cli_errors.fail("mimajax bench train", str(e))
 
   import jax.numpy as jnp
 
@@ -121,7 +129,7 @@ def _bench(args) -> int:
     args.repeats = args.repeats or 3
     return bench_animate.main(args)
   if args.what != "unet":
-    expected = "expected unet, animate, memory or loader"
+    expected = "expected unet, animate, memory, train or loader"
     return cli_errors.fail("mimajax bench", f"unknown benchmark {args.what!r}; {expected}")
   args.repeats = args.repeats or 7
   args.batch = args.batch or 1
@@ -167,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     "bench",
     help="unet: a training step against PyTorch, last line ratio=; animate: a clip against the PyTorch pipeline, "
     "last line ratio= (--family mmfa: frames_per_s=); memory: per-device bytes under FSDP on simulated devices, last "
-    "line fsdp8_overhead=; loader: last line clips_per_s=",
+    "line fsdp8_overhead=; train --cached-latents: a latent cache's step vs encoding in the step, last line ratio=; "
+    "loader: last line clips_per_s=",
   )
-  b.add_argument("what", choices=["unet", "animate", "memory", "loader"])
+  b.add_argument("what", choices=["unet", "animate", "memory", "train", "loader"])
   b.add_argument("--size", default="sd15", choices=["tiny", "sd15"], help="base U-Net config")
   b.add_argument("--block-out-channels", default="", help="override, e.g. 128,256,256")
   b.add_argument("--batch", type=int, default=None, help="unet: 1; loader: 8 clips (stage 2)")
@@ -185,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--no-torch", action="store_true", help="time JAX only (e.g. on a GPU without torch)")
   loader_bench_arguments(b)
   bench_memory_arguments(b)
+  bench_train_arguments(b)
   b.set_defaults(fn=_bench)
 
   sub.add_parser(

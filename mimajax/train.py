@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -118,19 +118,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> tupl
     )
   workdir.mkdir(parents=True, exist_ok=True)
   task = family.build_task(config, workdir)
-  graphdefs, params, rests = train_step.split_groups(task.modules)
-  optimizers = {g: train_step.make_group_optimizer(params[g], task.optimizers[g]) for g in params}
+  optimizers = group_optimizers(task)
   state = init_sharded_state(task, optimizers, jax.random.key(config.seed), mesh, ema=bool(config.train.ema_decay))
   state_sh = shardings_of(state)
   frozen, frozen_sh = None, None
   if task.frozen is not None:
     frozen_sh = frozen_shardings(task.frozen, task.frozen_rules or {}, mesh)
     frozen = jax.device_put(task.frozen, frozen_sh)
-  t = config.train
-  untrained = {g: train_step.untrained_paths(params[g], task.optimizers[g]) for g in params}
-  step = train_step.make_train_step(graphdefs, task.losses, optimizers, rests=rests, untrained=untrained,
-                                    accumulation_steps=t.accumulation_steps, ema_decay=t.ema_decay or None,
-                                    prepare=task.prepare, update_extra=task.update_extra)  # fmt: skip
+  step = build_step(task, config, optimizers)
   ckpt = checkpointing.Checkpointer(workdir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
                                     async_save=config.checkpoint.async_save)  # fmt: skip
   if ckpt.latest_step() is not None:
@@ -192,6 +187,23 @@ def state_layout(task: families.Task, optimizers, mesh, *, ema: bool = False) ->
     buffers=buffer_sh if buffers else None,
   )
   return shapes, shardings
+
+
+def group_optimizers(task: families.Task) -> dict:
+  """Each parameter group's optax transformation, from the task's OptimizerConfigs."""
+  return {g: train_step.make_group_optimizer(p, task.optimizers[g])
+          for g, p in train_step.split_groups(task.modules)[1].items()}  # fmt: skip
+
+
+def build_step(task: families.Task, config: ml_collections.ConfigDict, optimizers) -> Callable:
+  """The family's train step on the shared loop (not jitted: `train_step.jit_train_step`): every group's loss and
+  update, the untrained parameters masked, accumulation, EMA, the task's prepare and extra-state update."""
+  graphdefs, params, rests = train_step.split_groups(task.modules)
+  untrained = {g: train_step.untrained_paths(params[g], task.optimizers[g]) for g in params}
+  t = config.train
+  return train_step.make_train_step(graphdefs, task.losses, optimizers, rests=rests, untrained=untrained,
+                                    accumulation_steps=t.accumulation_steps, ema_decay=t.ema_decay or None,
+                                    prepare=task.prepare, update_extra=task.update_extra)  # fmt: skip
 
 
 def init_sharded_state(task: families.Task, optimizers, rng, mesh, *, ema: bool = False) -> train_step.TrainState:

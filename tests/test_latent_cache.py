@@ -4,6 +4,7 @@ from the cache equals the loss with the same latents encoded in the step."""
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,18 @@ def test_a_cache_that_is_not_the_runs_is_refused_or_named(cache, tmp_path, caplo
     _task(root, tmp_path / "b", ("resolution", 64), ("latents", "always"))
   task = _task(root, tmp_path / "c", ("blend_source", True))
   assert "latents" in task.batch_keys and "render_latents" not in task.batch_keys
+
+
+@pytest.mark.slow  # two compilations of the tiny stage-1 step: ~5 minutes on 2 cores
+def test_bench_train_prints_equal_losses_and_the_ratio_last(cache):
+  root, _, _ = cache
+  cmd = [sys.executable, "-m", "mimajax.cli", "bench", "train", "--cached-latents", "--config", "configs/tiny.py:1",
+         "--data", str(root / "cache"), "--repeats", "2"]  # fmt: skip
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  loss = [float(x) for x in re.findall(r"(?:cached|encoding) ([0-9]+\.[0-9]+)", lines[0])]
+  assert len(loss) == 2 and loss[0] == pytest.approx(loss[1], rel=1e-5)
+  assert lines[-1].startswith("ratio=") and float(lines[-1][6:]) > 0
+  bad = subprocess.run(cmd[:-4] + ["--data", str(root / "data")], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 2 and "not a latent cache" in bad.stderr, bad.stderr
