@@ -32,6 +32,7 @@ from data_pipeline import records
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FACE_MODEL = "face_model.npz"
+SECTION = "latents.json"  # the manifest's "latents" section, written before the first shard
 # frames (n, H, W, 3) uint8 at the cache's resolution, coefficients (n, d) -> (latents, render_latents) (n, h, w, c)
 Encoder = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -69,12 +70,17 @@ def cache_latents(data: str | os.PathLike, out: str | os.PathLike, encode: Encod
     raise ValueError(f"--out {dst} is --data: a cache is written beside the dataset, never over it")
   manifest = json.loads((src / MANIFEST).read_text())
   section = dict(info, resolution=int(resolution), dtype=dtype, source=str(src.absolute()))
-  if (dst / MANIFEST).exists():
-    old = json.loads((dst / MANIFEST).read_text()).get("latents")
-    if old != section:
-      raise ValueError(f"--out {dst} holds a latent cache made otherwise ({old}); expected {section}: use a new folder")
+  # What the shards already there were made with: the manifest of a complete cache, or latents.json of one in
+  # progress (written before its first shard), so a rerun never mixes shards of two VAEs or settings.
+  for record in (dst / MANIFEST, dst / SECTION):
+    if record.exists():
+      old = json.loads(record.read_text())
+      old = old.get("latents") if record.name == MANIFEST else old
+      if old != section:
+        raise ValueError(f"--out {dst} holds latents made otherwise ({old}); this run makes {section}: use a new "
+                         "folder, or the same --vae, --resolution, --shading and --dtype to resume")  # fmt: skip
   dst.mkdir(parents=True, exist_ok=True)
-  (dst / "latents.json").write_text(json.dumps(section, indent=1))  # what the shards in progress are made with
+  _replace(dst / SECTION, json.dumps(section, indent=1))
   shards = [s["path"] for s in manifest["shards"]]
   totals = dict(shards=len(shards), written=0, records=0, frames=0)
   for i, name in enumerate(shards):
@@ -102,7 +108,7 @@ def cache_latents(data: str | os.PathLike, out: str | os.PathLike, encode: Encod
       reader.close()
     os.replace(tmp, target)
     if _stats(src / name).exists():
-      shutil.copyfile(_stats(src / name), _stats(target))
+      _replace(_stats(target), _stats(src / name).read_text())  # the stats file marks the shard done: atomically
     else:
       _replace(_stats(target), json.dumps(dict(shard=name, record_frames=record_frames)))
     totals["written"] += 1

@@ -61,6 +61,8 @@ class ExtractOptions:
     if self.crop not in ("center", "detect"):
       raise ValueError(f"crop={self.crop!r}; expected 'center' or 'detect' (as prepare's --crop)")
     detection.check_detector(self.face_detector)
+    if self.face_index < 0:
+      raise ValueError(f"face_index={self.face_index}; expected >= 0 (0: the largest face)")
     if not 1 <= self.components <= EXPRESSION_DIM:
       raise ValueError(f"components={self.components}; expected 1..{EXPRESSION_DIM} (the expression columns)")
     if self.max_gap < 0:

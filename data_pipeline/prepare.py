@@ -247,7 +247,13 @@ def write_shard(task: ShardTask, on_video: Callable[[], None] | None = None) -> 
 
 def _plan_digest(entries: list[clip_files.VideoEntry], options: PrepareOptions) -> dict:
   digest = hashlib.sha256("\n".join(e.video_id for e in entries).encode()).hexdigest()
-  return dict(version=1, options=dataclasses.asdict(options), videos=len(entries), video_ids_sha256=digest)
+  opts = dataclasses.asdict(options)
+  if options.crop != "detect" or (options.face_detector, options.face_index) == ("haar", 0):
+    # Only a detect crop depends on the detector; a plan written before the option existed (Haar, face 0) stays
+    # the plan of the same run, so such an output resumes.
+    opts.pop("face_detector")
+    opts.pop("face_index")
+  return dict(version=1, options=opts, videos=len(entries), video_ids_sha256=digest)
 
 
 def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,

@@ -6,7 +6,7 @@ Granularity: a video of N frames is cut into ceil(N / frames_per_record) segment
 and a record stays small enough (~64 JPEGs) that reading it whole to decode 13 frames costs little.
 
 Binary layout (little-endian, no dependency beyond numpy):
-  b"MIMAREC1" | uint32 header length | header (UTF-8 JSON) | coefficients float32 (n, d)
+  b"MIMAREC1" (b"MIMAREC2" with latents) | uint32 header length | header (UTF-8 JSON) | coefficients float32 (n, d)
     [| latents (n, h, w, c) | render latents (n, h, w, c)] | frame bytes
 The header holds video_id, speaker, identity, frame_indices, the byte length of each frame, the
 coefficient dim, the image format ("jpeg", or lossless "png") and the frame size, and, in a record of a latent
@@ -27,6 +27,7 @@ import struct
 import numpy as np
 
 MAGIC = b"MIMAREC1"
+MAGIC_LATENTS = b"MIMAREC2"  # a record with latents: a reader that predates them refuses it rather than misreads
 # ArrayRecord options: one record per group so any record is one random read; frames are already JPEG.
 WRITER_OPTIONS = "group_size:1,uncompressed"
 IMAGE_FORMATS = ("jpeg", "png")
@@ -66,7 +67,8 @@ class Record:
     if self.latents is not None:
       for name in ("latents", "render_latents"):
         x = np.asarray(getattr(self, name))
-        if x.ndim != 4 or x.shape[0] != n or x.shape != np.shape(self.latents) or x.dtype.name not in LATENT_DTYPES:
+        if (x.ndim != 4 or x.shape[0] != n or x.shape != np.shape(self.latents) or x.dtype.name not in LATENT_DTYPES
+            or x.dtype != np.asarray(self.latents).dtype):  # fmt: skip
           raise ValueError(f"{self.video_id}: {name} {x.dtype}{x.shape}; expected ({n}, h, w, c) of {LATENT_DTYPES}, "
                            "the same shape for both")  # fmt: skip
         setattr(self, name, x)
@@ -96,7 +98,8 @@ def encode_record(record: Record) -> bytes:
     latents = [np.ascontiguousarray(x, dtype).tobytes() for x in (record.latents, record.render_latents)]
   head = json.dumps(header, separators=(",", ":")).encode()
   coeffs = np.ascontiguousarray(record.coefficients, "<f4").tobytes()
-  return b"".join([MAGIC, struct.pack("<I", len(head)), head, coeffs, *latents, *record.frames])
+  magic = MAGIC_LATENTS if latents else MAGIC
+  return b"".join([magic, struct.pack("<I", len(head)), head, coeffs, *latents, *record.frames])
 
 
 def decode_record(data: bytes, *, copy_frames: bool = True) -> Record:
@@ -105,8 +108,9 @@ def decode_record(data: bytes, *, copy_frames: bool = True) -> Record:
   copy_frames=False gives the frames as memoryviews into `data` (no copy of the ~64 JPEGs a clip
   mostly does not use; the loader's hot path).
   """
-  if data[: len(MAGIC)] != MAGIC:
-    raise ValueError(f"not a mimajax record: starts with {bytes(data[:8])!r}; expected {MAGIC!r}")
+  if bytes(data[: len(MAGIC)]) not in (MAGIC, MAGIC_LATENTS):
+    expected = f"{MAGIC!r} (or {MAGIC_LATENTS!r})"
+    raise ValueError(f"not a mimajax record: starts with {bytes(data[:8])!r}; expected {expected}")
   (head_len,) = struct.unpack_from("<I", data, len(MAGIC))
   offset = len(MAGIC) + 4
   header = json.loads(bytes(data[offset : offset + head_len]))

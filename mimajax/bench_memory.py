@@ -60,9 +60,9 @@ def simulate_cpu_devices(n: int) -> None:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError:
     pass  # backends already started: whatever they have is checked below
-  if jax.device_count() < n:
+  if jax.device_count("cpu") < n:
     raise ValueError(
-      f"bench memory needs {n} devices and JAX has {jax.device_count()}: run it in a fresh process, or set "
+      f"bench memory needs {n} CPU devices and JAX has {jax.device_count('cpu')}: run it in a fresh process, or set "
       f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python"
     )
 
@@ -123,7 +123,7 @@ def measure(config, *, name: str, devices: Sequence[int], policies: Sequence[str
   rows = []
   if not compile:
     for n in devices:
-      mesh = sharding.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, jax.devices()[:n])
+      mesh = sharding.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, jax.devices("cpu")[:n])
       shapes, shardings = train.state_layout(task, optimizers, mesh, ema=bool(config.train.ema_decay))
       row = Row(name, "-", n, batch_per_device * n, tree_bytes(shapes, shardings), tree_bytes(shapes) / n,
                 None, None, None)  # fmt: skip
@@ -136,7 +136,7 @@ def measure(config, *, name: str, devices: Sequence[int], policies: Sequence[str
     step = train.build_step(task, config, optimizers)
     t = config.train
     for n in devices:
-      mesh = sharding.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, jax.devices()[:n])
+      mesh = sharding.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, jax.devices("cpu")[:n])
       shapes, shardings = train.state_layout(task, optimizers, mesh, ema=bool(t.ema_decay))
       batch = {
         k: jax.ShapeDtypeStruct((v.shape[0] * n, *v.shape[1:]), v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim))
@@ -212,7 +212,7 @@ def main(args, log: Callable[[str], None] = print) -> int:
                     data=args.data, compile=compile, log=log)  # fmt: skip
     log(f"{spec}: " + (f"{len(policies)} policies x {len(devices)} meshes compiled" if compile else
                        f"the state on {len(devices)} meshes (not compiled)"))  # fmt: skip
-  log(f"device: {jax.devices()[0].platform}, {jax.device_count()} simulated; sizes in GiB per device")
+  log(f"device: cpu, {jax.device_count('cpu')} simulated; sizes in GiB per device")
   log(HEADER)
   for r in rows:
     log(format_row(r))

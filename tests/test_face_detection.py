@@ -66,6 +66,24 @@ def test_several_faces_are_ranked_largest_first():
     detection.faces(both, "mtcnn")
 
 
+def test_auto_falls_back_to_haar_without_mediapipes_models(monkeypatch, caplog):
+  from mimajax.faces import tflite_models
+
+  image = detection_eval.portraits()["astronaut"]
+
+  def unavailable(rgb):
+    raise tflite_models.LandmarkerUnavailable("no models here")
+
+  monkeypatch.setattr(detection, "_blazeface_faces", unavailable)
+  monkeypatch.setattr(detection._local, "warned", False, raising=False)
+  assert detection.faces(image) == detection.faces(image, "haar") != []
+  assert "no models here; using the Haar cascade alone" in caplog.text
+  with pytest.raises(tflite_models.LandmarkerUnavailable):
+    detection.faces(image, "blazeface")
+  with pytest.raises(ValueError, match="face_index=-1"):
+    detection.largest_face(image, face_index=-1)
+
+
 def test_detection_rates_have_bounds():
   """On 25 LFW faces and the portraits: the figures of the module docstring of detection_eval, with bounds."""
   r = detection_eval.rates(limit=25)

@@ -32,6 +32,8 @@ def test_a_record_keeps_its_latents_bit_for_bit(dtype):
   back = records.decode_record(records.encode_record(_record(latents=lat)))
   assert back.latents.dtype == dtype and np.array_equal(back.latents, lat)
   assert np.array_equal(back.render_latents, lat + 1) and len(back.frames) == 3
+  assert records.encode_record(_record(latents=lat))[:8] == b"MIMAREC2"  # older readers refuse, never misread
+  assert records.encode_record(_record())[:8] == b"MIMAREC1"
   plain = records.decode_record(records.encode_record(_record()))
   assert plain.latents is None and plain.render_latents is None  # a prepare record is unchanged
   with pytest.raises(ValueError, match="ends inside its latents"):
@@ -110,6 +112,13 @@ def test_a_rerun_skips_complete_shards_and_redoes_a_partial_one(cache):
   over[over.index("--out") + 1] = str(root / "data")
   bad = subprocess.run(over, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 2 and "never over it" in bad.stderr, bad.stderr
+  # A cache in progress (no manifest yet) is resumed only with the settings it was started with.
+  manifest = (root / "cache" / "manifest.json").read_text()
+  (root / "cache" / "manifest.json").unlink()
+  other = cmd + ["--dtype", "float16"]
+  bad = subprocess.run(other, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  (root / "cache" / "manifest.json").write_text(manifest)
+  assert bad.returncode == 2 and "latents made otherwise" in bad.stderr, bad.stderr
 
 
 def test_the_loader_hands_over_the_clip_latents(cache):

@@ -10,7 +10,8 @@ was trained on. Hence one detector, one box rule and one crop, here:
                     "haar"       OpenCV's frontal Haar cascade, the project's first detector: upright faces over
                                  1/8 of the shorter side, and tight face crops, which BlazeFace misses
                     "auto"       (default) BlazeFace, and Haar on an image where BlazeFace finds none
-                    (`python -m mimajax.faces.detection_eval` measures each: the figures are in its docstring)
+                    (`python -m mimajax.faces.detection_eval` measures each; without mediapipe's models "auto"
+                    is Haar alone, with a warning)
   largest_face      the face a crop is built around: the largest, or the face_index-th largest (several faces)
   frames_face_box   one square box for a set of frames: the median of their faces (up to max_detections), its side
                     FACE_MARGIN times the face's; a fixed crop, so the face does not jitter between frames
@@ -30,6 +31,7 @@ face_recognition test portraits: Haar centre above BlazeFace's by 0.05-0.14 side
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 from typing import Iterable
@@ -44,6 +46,7 @@ DETECTORS = ("auto", "blazeface", "haar")
 DEFAULT_DETECTOR = "auto"
 BLAZEFACE_SHIFT_Y = -0.087  # x side: BlazeFace's box centre -> the Haar box's (the module docstring)
 
+log = logging.getLogger(__name__)
 _local = threading.local()  # one detector per thread: a TFLite interpreter is not thread-safe
 
 
@@ -79,7 +82,18 @@ def _blazeface_faces(rgb: np.ndarray) -> list[tuple[float, float, float]]:
 def faces(rgb: np.ndarray, detector: str = DEFAULT_DETECTOR) -> list[tuple[float, float, float]]:
   """Every face in an RGB image as (centre x, centre y, side) in pixels, largest first (ties: left first)."""
   check_detector(detector)
-  found = _blazeface_faces(rgb) if detector != "haar" else []
+  found = []
+  if detector != "haar":
+    from mimajax.faces.tflite_models import LandmarkerUnavailable
+
+    try:
+      found = _blazeface_faces(rgb)
+    except LandmarkerUnavailable as e:
+      if detector == "blazeface":
+        raise
+      if not getattr(_local, "warned", False):  # auto without mediapipe's models: Haar alone, said once
+        log.warning("face detection: %s; using the Haar cascade alone", e)
+        _local.warned = True
   if detector == "haar" or (detector == "auto" and not found):
     found = _haar_faces(rgb)
   return sorted(found, key=lambda f: (-f[2], f[0]))
@@ -88,6 +102,8 @@ def faces(rgb: np.ndarray, detector: str = DEFAULT_DETECTOR) -> list[tuple[float
 def largest_face(rgb: np.ndarray, detector: str = DEFAULT_DETECTOR, face_index: int = 0):
   """(centre x, centre y, side) of the face_index-th largest face (0: the largest, the speaker); None if the image
   has fewer faces."""
+  if face_index < 0:
+    raise ValueError(f"face_index={face_index}; expected >= 0 (0: the largest face)")
   found = faces(rgb, detector)
   return found[face_index] if face_index < len(found) else None
 

@@ -34,7 +34,7 @@ def model_path(name: str) -> Path:
   """Path of a bundled mediapipe model (located without importing mediapipe, whose import needs protobuf < 5)."""
   spec = importlib.util.find_spec("mediapipe")
   if spec is None or not spec.submodule_search_locations:
-    raise LandmarkerUnavailable(f"motion extraction needs mediapipe 0.10.21's bundled models: {INSTALL_COMMAND}")
+    raise LandmarkerUnavailable(f"face detection and landmarks need mediapipe 0.10.21's models: {INSTALL_COMMAND}")
   path = Path(spec.submodule_search_locations[0], "modules", MODELS[name])
   if not path.exists():
     raise LandmarkerUnavailable(
@@ -50,7 +50,7 @@ def _interpreter_class():
     try:
       from tensorflow.lite.python.interpreter import Interpreter  # deprecated, still in tensorflow 2.21
     except ImportError:
-      raise LandmarkerUnavailable(f"motion extraction needs a TFLite runtime: {INSTALL_COMMAND}") from None
+      raise LandmarkerUnavailable(f"face detection and landmarks need a TFLite runtime: {INSTALL_COMMAND}") from None
   return Interpreter
 
 

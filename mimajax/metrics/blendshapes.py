@@ -65,7 +65,7 @@ class BlendshapeModel:
   """478 landmarks per frame -> 52 blendshape scores per frame, on LiteRT's CPU interpreter."""
 
   def __init__(self, path: str | os.PathLike | None = None, num_threads: int = 1):
-    from mimajax.faces.landmarks import _interpreter_class  # the one TFLite runtime choice of mimajax.faces
+    from mimajax.faces.tflite_models import _interpreter_class  # the one TFLite runtime choice of mimajax.faces
 
     self.path = task_path(path)
     with zipfile.ZipFile(self.path) as bundle:

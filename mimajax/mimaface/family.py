@@ -106,6 +106,9 @@ def cached_latents(config: ml_collections.ConfigDict, vae, face_model) -> tuple[
   refuse = []
   if section.get("vae_digest") != latent_cache.vae_digest(vae):
     refuse.append(f"its VAE ({section.get('vae')}) is not this run's frozen VAE")
+  elif section.get("compute_dtype") != latent_cache.compute_dtype(vae):
+    refuse.append(f"its latents were computed in {section.get('compute_dtype')} and this run's VAE computes in "
+                  f"{latent_cache.compute_dtype(vae)} (cache-latents --compute-dtype)")  # fmt: skip
   if section.get("resolution") != d.resolution:
     refuse.append(f"its latents are of {section.get('resolution')}-px frames, config.data.resolution is {d.resolution}")
   if d.flip:

@@ -40,19 +40,32 @@ def vae_digest(vae) -> str:
   return digest.hexdigest()
 
 
+def compute_dtype(vae) -> str:
+  """The dtype the VAE computes in ("float32", "bfloat16"): latents of one VAE differ between the two."""
+  import jax.numpy as jnp
+
+  return jnp.dtype(vae.dtype).name
+
+
 def make_encoder(vae, face_model, resolution: int, shading: str, batch: int):
   """(frames (n, H, W, 3) uint8, coefficients (n, d)) -> (latents, render latents) as numpy, `batch` at a time
   (a fixed batch shape: one compilation; the last batch is padded)."""
   import jax
   import jax.numpy as jnp
+  from flax import nnx
 
   from mimajax.mimaface import conditioning
 
-  @jax.jit
-  def encode(frames, coeffs):
+  graphdef, params = nnx.split(vae)
+
+  @jax.jit  # the VAE's parameters and the face model are arguments, not constants folded into the program
+  def encode_jit(params, face_model, frames, coeffs):
+    vae = nnx.merge(graphdef, params)
     return conditioning.encode_frames(vae, frames), conditioning.render_latents(
       vae, face_model, coeffs, resolution, shading
     )
+
+  encode = lambda frames, coeffs: encode_jit(params, face_model, frames, coeffs)  # noqa: E731
 
   def run(frames: np.ndarray, coeffs: np.ndarray):
     n, out = len(frames), ([], [])
@@ -92,6 +105,8 @@ def add_arguments(p) -> None:
   p.add_argument("--shading", default="sh", help="the renders' shading (config.data.render_shading)")
   p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="frames per jitted encoding call")
   p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored latents")
+  p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="the VAE compute dtype: the run's config.model.dtype (sd15 configs: bfloat16)")  # fmt: skip
   p.add_argument("--no-progress", action="store_true")
 
 
@@ -107,6 +122,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+  import jax.numpy as jnp
+
   from data_pipeline import latent_cache, records
   from mimajax.convert import diffusers_format
   from mimajax.mimaface import pretrained, vae_stage
@@ -117,7 +134,7 @@ def _run(args) -> int:
     raise ValueError(f"--data {data} has no {latent_cache.MANIFEST}: expected a `mimajax prepare` output")
   if args.batch < 1:
     raise ValueError(f"--batch {args.batch}; expected >= 1")
-  vae = diffusers_format.load_vae(vae_stage.vae_folder(args.vae))
+  vae = diffusers_format.load_vae(vae_stage.vae_folder(args.vae), dtype=jnp.dtype(args.compute_dtype))
   face_model = _face_model(data, args.face_model)
   resolution = args.resolution
   if resolution is None:
@@ -129,7 +146,7 @@ def _run(args) -> int:
     reader = ArrayRecordReader(paths[0])
     resolution = records.decode_record(reader.read([0])[0]).height
     reader.close()
-  info = dict(vae=str(Path(args.vae).absolute()), vae_digest=vae_digest(vae),
+  info = dict(vae=str(Path(args.vae).absolute()), vae_digest=vae_digest(vae), compute_dtype=compute_dtype(vae),
               face_model_digest=pretrained.face_model_digest(face_model), shading=args.shading)  # fmt: skip
   encode = make_encoder(vae, face_model, resolution, args.shading, args.batch)
   totals = latent_cache.cache_latents(data, args.out, encode, info=info, resolution=resolution, dtype=args.dtype,
