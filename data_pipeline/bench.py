@@ -1,4 +1,5 @@
-"""`mimajax bench loader`: clips per second through the real Grain loader, against what a GPU step consumes.
+"""`mimajax bench loader`: clips per second through the real Grain loader, against what a GPU step consumes;
+`mimajax bench prepare`: videos per second per worker through `prepare`, and what VoxCeleb2 costs at that rate.
 
 Without --data it first prepares a synthetic dataset into a temporary folder through `prepare`: clips
 of real 512 px photographs (scikit-image's astronaut, matplotlib's Grace Hopper; a procedural pattern
@@ -60,6 +61,77 @@ def synthetic_dataset(folder: str | os.PathLike, *, resolution: int = 512, video
   return folder / "records"
 
 
+# VoxCeleb2's dev set (Chung et al. 2018): 1,092,009 utterances of 5,994 speakers, 2,442 hours, 224 x 224 at 25 fps:
+# ~201 frames per clip on average.
+VOX2_DEV_CLIPS = 1_092_009
+VOX2_DEV_HOURS = 2_442
+VOX2_FPS = 25
+VOX2_SIZE = 224
+
+
+def vox2_clip_frames() -> int:
+  return round(VOX2_DEV_HOURS * 3600 * VOX2_FPS / VOX2_DEV_CLIPS)
+
+
+def write_clips(folder: str | os.PathLike, *, videos: int, frames: int, size: int) -> Path:
+  """`videos` clips of `frames` frames at size x size in the VoxCeleb2 layout, each with a 257-column .npy (the
+  user's Deep3DFaceRecon coefficients), real photographs moved by a synthetic head motion; returns the folder."""
+  import cv2
+
+  folder = Path(folder)
+  photos = [cv2.resize(p, (size, size), interpolation=cv2.INTER_AREA) for p in _photos(512)]
+  rng = np.random.default_rng(0)
+  for v in range(videos):
+    path = folder / f"id{v % 4:05d}" / f"bench{v:03d}" / "00001.mp4"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    demo_data.write_mp4(path, demo_data.animate(photos[v % len(photos)], frames + v)[v:])
+    np.save(path.with_suffix(".npy"), rng.normal(size=(frames, 257)).astype(np.float32))
+  return folder
+
+
+def bench_prepare(*, videos: int, frames: int, size: int, resolution: int, workers: int, crop: str = "center",
+                  extract_motion: bool = False) -> dict:  # fmt: skip
+  """Times `prepare` over freshly written clips (writing them is not timed); returns the figures."""
+  with tempfile.TemporaryDirectory(prefix="mimajax_bench_prepare_") as tmp:
+    clips = write_clips(Path(tmp) / "videos", videos=videos, frames=frames, size=size)
+    if extract_motion:
+      for npy in clips.rglob("*.npy"):
+        npy.unlink()  # nothing provided: MediaPipe's motion for every clip
+    options = prepare.PrepareOptions(resolution=resolution, frames_per_record=64, shard_size=max(1, videos // 4),
+                                     crop=crop)  # fmt: skip
+    t0 = time.perf_counter()
+    manifest = prepare.prepare(clips, Path(tmp) / "out", options=options, workers=workers, progress=False,
+                               extract_motion=extract_motion)  # fmt: skip
+    seconds = time.perf_counter() - t0
+  done = manifest["counts"]["videos"]
+  if done != videos:
+    raise ValueError(f"prepare skipped {videos - done} of the {videos} bench clips: {manifest['skipped']}")
+  return dict(videos=videos, frames=done * frames, seconds=seconds, videos_per_s=videos / seconds / workers,
+              frames_per_s=done * frames / seconds / workers)  # fmt: skip
+
+
+def run_prepare(args) -> int:
+  """The `mimajax bench prepare` command: per-worker throughput, then the VoxCeleb2 dev estimate."""
+  frames = args.clip_frames or vox2_clip_frames()
+  resolution = args.resolution or 512
+  if min(args.videos, args.prepare_workers, args.clip_size) < 1 or frames < 2:
+    raise ValueError(f"--videos {args.videos}, --prepare-workers {args.prepare_workers} and --clip-size "
+                     f"{args.clip_size} must be >= 1 and --clip-frames {frames} >= 2")  # fmt: skip
+  r = bench_prepare(videos=args.videos, frames=frames, size=args.clip_size, resolution=resolution,
+                    workers=args.prepare_workers, crop=args.crop, extract_motion=args.extract_motion)  # fmt: skip
+  what = "MediaPipe motion extracted" if args.extract_motion else "coefficients provided"
+  print(f"prepare: {args.videos} clips of {frames} frames at {args.clip_size} px -> {resolution} px JPEG records "
+        f"(crop {args.crop}, {what}) with {args.prepare_workers} worker(s) on {os.cpu_count()} cores: "
+        f"{r['seconds']:.1f} s, {r['frames_per_s']:.0f} frames/s per worker")  # fmt: skip
+  per_clip = r["frames_per_s"] / vox2_clip_frames()  # clips/s per worker at VoxCeleb2's mean length
+  worker_hours = VOX2_DEV_CLIPS / per_clip / 3600
+  print(f"VoxCeleb2 dev ({VOX2_DEV_CLIPS:,} clips, {VOX2_DEV_HOURS:,} h, ~{vox2_clip_frames()} frames per clip): "
+        f"{worker_hours:,.0f} worker-hours at this rate; " + ", ".join(
+          f"{worker_hours / n:,.1f} h on {n} workers" for n in (1, 64, 512)))  # fmt: skip
+  print(f"videos_per_s={r['videos_per_s']:.3f}")
+  return 0
+
+
 def bench_loader(data, *, num_frames: int = 12, batch: int = 8, resolution: int | None = None, workers: int = 0,
                  read_threads: int = 4, seconds: float = 15.0, warmup_batches: int = 2) -> dict:  # fmt: skip
   """Stream batches for about `seconds` after warm-up (worker start-up excluded); returns the figures."""
@@ -115,4 +187,8 @@ def add_arguments(p) -> None:
   p.add_argument("--seconds", type=float, default=15.0, help="loader: how long to stream after warm-up")
   p.add_argument("--videos", type=int, default=8, help="loader: synthetic clips to prepare")
   p.add_argument("--gpu-frames-per-s", type=float, default=GPU_FRAMES_PER_S, help="loader: assumed GPU frames/s")
-  p.add_argument("--prepare-workers", type=int, default=1, help="loader: prepare's processes (synthetic data)")
+  p.add_argument("--prepare-workers", type=int, default=1, help="loader, prepare: prepare's processes")
+  p.add_argument("--clip-frames", type=int, default=None, help="prepare: frames per clip (default VoxCeleb2's mean)")
+  p.add_argument("--clip-size", type=int, default=VOX2_SIZE, help="prepare: the clips' side in pixels")
+  p.add_argument("--crop", default="center", choices=["center", "detect"], help="prepare: prepare's --crop")
+  p.add_argument("--extract-motion", action="store_true", help="prepare: MediaPipe motion for every clip too")

@@ -98,10 +98,13 @@ def _parity(args) -> int:
 
 
 def _bench(args) -> int:
-  if args.what == "loader":
+  if args.what in ("loader", "prepare"):
     from data_pipeline import bench as loader_bench
 
-    return loader_bench.run(args)
+    try:
+      return loader_bench.run(args) if args.what == "loader" else loader_bench.run_prepare(args)
+    except ValueError as e:
+      return cli_errors.fail(f"mimajax bench {args.what}", str(e))
   if args.what == "memory":  # first: it asks for simulated devices before anything starts JAX's backends
     from mimajax import bench_memory
 
@@ -129,7 +132,7 @@ def _bench(args) -> int:
     args.repeats = args.repeats or 3
     return bench_animate.main(args)
   if args.what != "unet":
-    expected = "expected unet, animate, memory, train or loader"
+    expected = "expected unet, animate, memory, train, loader or prepare"
     return cli_errors.fail("mimajax bench", f"unknown benchmark {args.what!r}; {expected}")
   args.repeats = args.repeats or 7
   args.batch = args.batch or 1
@@ -176,9 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="unet: a training step against PyTorch, last line ratio=; animate: a clip against the PyTorch pipeline, "
     "last line ratio= (--family mmfa: frames_per_s=); memory: per-device bytes under FSDP on simulated devices, last "
     "line fsdp8_overhead=; train --cached-latents: a latent cache's step vs encoding in the step, last line ratio=; "
-    "loader: last line clips_per_s=",
+    "loader: last line clips_per_s=; prepare: videos/s per worker and the VoxCeleb2 estimate, last line videos_per_s=",
   )
-  b.add_argument("what", choices=["unet", "animate", "memory", "train", "loader"])
+  b.add_argument("what", choices=["unet", "animate", "memory", "train", "loader", "prepare"])
   b.add_argument("--size", default="sd15", choices=["tiny", "sd15"], help="base U-Net config")
   b.add_argument("--block-out-channels", default="", help="override, e.g. 128,256,256")
   b.add_argument("--batch", type=int, default=None, help="unet: 1; loader: 8 clips (stage 2)")
