@@ -103,10 +103,12 @@ def bench_prepare(*, videos: int, frames: int, size: int, resolution: int, worke
     manifest = prepare.prepare(clips, Path(tmp) / "out", options=options, workers=workers, progress=False,
                                extract_motion=extract_motion)  # fmt: skip
     seconds = time.perf_counter() - t0
+    stored = sum(p.stat().st_size for p in (Path(tmp) / "out").glob("*.array_record"))
   done = manifest["counts"]["videos"]
   if done != videos:
     raise ValueError(f"prepare skipped {videos - done} of the {videos} bench clips: {manifest['skipped']}")
   return dict(videos=videos, frames=done * frames, seconds=seconds, videos_per_s=videos / seconds / workers,
+              bytes_per_frame=stored / max(1, done * frames), records=manifest["counts"]["records"],
               frames_per_s=done * frames / seconds / workers)  # fmt: skip
 
 
@@ -122,12 +124,15 @@ def run_prepare(args) -> int:
   what = "MediaPipe motion extracted" if args.extract_motion else "coefficients provided"
   print(f"prepare: {args.videos} clips of {frames} frames at {args.clip_size} px -> {resolution} px JPEG records "
         f"(crop {args.crop}, {what}) with {args.prepare_workers} worker(s) on {os.cpu_count()} cores: "
-        f"{r['seconds']:.1f} s, {r['frames_per_s']:.0f} frames/s per worker")  # fmt: skip
+        f"{r['seconds']:.1f} s, {r['frames_per_s']:.0f} frames/s per worker; {r['records']} records, "
+        f"{r['bytes_per_frame'] / 1024:.1f} KiB per stored frame")  # fmt: skip
+  tib = r["bytes_per_frame"] * VOX2_DEV_CLIPS * vox2_clip_frames() / 2**40
   per_clip = r["frames_per_s"] / vox2_clip_frames()  # clips/s per worker at VoxCeleb2's mean length
   worker_hours = VOX2_DEV_CLIPS / per_clip / 3600
   print(f"VoxCeleb2 dev ({VOX2_DEV_CLIPS:,} clips, {VOX2_DEV_HOURS:,} h, ~{vox2_clip_frames()} frames per clip): "
-        f"{worker_hours:,.0f} worker-hours at this rate; " + ", ".join(
-          f"{worker_hours / n:,.1f} h on {n} workers" for n in (1, 64, 512)))  # fmt: skip
+        f"{worker_hours:,.0f} worker-hours at this rate; "
+        + ", ".join(f"{worker_hours / n:,.1f} h on {n} workers" for n in (1, 64, 512))
+        + f"; {tib:.1f} TiB of records")  # fmt: skip
   print(f"videos_per_s={r['videos_per_s']:.3f}")
   return 0
 
