@@ -97,10 +97,6 @@ def tree_bytes(shapes, shardings=None) -> float:
   return total
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
-
-
 def measure(config, *, name: str, devices: Sequence[int], policies: Sequence[str], batch_per_device: int,
             data: str, compile: bool = True, log: Callable[[str], None] = print) -> list[Row]:  # fmt: skip
   """The rows of one config: every policy at every device count (compile=False: the state's rows only, one per
@@ -145,7 +141,7 @@ def measure(config, *, name: str, devices: Sequence[int], policies: Sequence[str
       frozen, frozen_sh = None, None
       if task.frozen is not None:
         frozen_sh = train.frozen_shardings(task.frozen, task.frozen_rules or {}, mesh)
-        frozen = _abstract(task.frozen, frozen_sh)
+        frozen = train.abstract_tree(task.frozen, frozen_sh)
       jitted = train_step.jit_train_step(step, shardings, {k: v.sharding for k, v in batch.items()},
                                          sharding.replicated(mesh), frozen_sh)  # fmt: skip
       t1 = time.perf_counter()

@@ -151,6 +151,11 @@ def frozen_shardings(frozen: dict, rules: dict, mesh) -> dict:
   }
 
 
+def abstract_tree(tree, shardings):
+  """A tree of arrays as ShapeDtypeStructs carrying the given shardings (nothing allocated)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=s), tree, shardings)
+
+
 def state_layout(task: families.Task, optimizers, mesh, *, ema: bool = False) -> tuple[Any, Any]:
   """(shapes, shardings) of the TrainState, as jax.ShapeDtypeStruct and NamedSharding trees, with nothing allocated:
   each group's parameters laid out by its logical rules, its optimizer moments and EMA like the parameters,
@@ -159,11 +164,8 @@ def state_layout(task: families.Task, optimizers, mesh, *, ema: bool = False) ->
   _, params, rests = train_step.split_groups(task.modules)
   buffers = train_step.carried(rests)
   rep = sharding.replicated(mesh)
-  abstract = lambda tree, shardings: jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=s), tree, shardings
-  )
   param_sh = {g: sharding.state_shardings(params[g], mesh, task.axis_rules[g]) for g in params}
-  params = abstract(params, param_sh)
+  params = abstract_tree(params, param_sh)
   opt_state = {g: jax.eval_shape(tx.init, params[g]) for g, tx in optimizers.items()}
   opt_sh = {g: like_params(opt_state[g], params[g], rep) for g in opt_state}
   buffer_sh = {g: sharding.state_shardings(b, mesh, task.axis_rules[g]) for g, b in buffers.items()}
@@ -175,7 +177,7 @@ def state_layout(task: families.Task, optimizers, mesh, *, ema: bool = False) ->
     rng=key,
     extra=jax.eval_shape(lambda: task.extra) if task.extra is not None else None,
     ema_params=params if ema else None,
-    buffers=abstract(buffers, buffer_sh) if buffers else None,
+    buffers=abstract_tree(buffers, buffer_sh) if buffers else None,
   )
   shardings = train_step.TrainState(
     step=rep,
