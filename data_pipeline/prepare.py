@@ -14,9 +14,13 @@ The identity vocabulary is every speaker folder found, sorted (label = index), a
 were all skipped, so labels never depend on which clips failed.
 
 Videos are assigned to shards in sorted order, `shard_size` videos per shard, so a rerun makes the
-same shards. A shard is written under a `.tmp` name and renamed when complete; a rerun skips
-complete shards, so a killed job resumes. Bad input is skipped with its reason logged and counted;
+same shards. A shard is written under a temporary name of its own attempt and renamed when complete; a rerun
+skips complete shards, so a killed job resumes. Bad input is skipped with its reason logged and counted;
 it never stops the job.
+
+Runners (`--runner`): `local` (default) runs the shards in worker processes on this host; `direct`, `dataflow`,
+`flink` and `spark` run the same `write_shard` per shard as an Apache Beam pipeline (beam_runner.py), with Beam's
+own options after `--`. Every runner writes the same bytes, manifest and skip counts.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ import multiprocessing
 import os
 import queue as queue_lib
 import shutil
+import uuid
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from data_pipeline import clip_files, records
+from data_pipeline import beam_runner, clip_files, records
 from mimajax import cli_errors
 from mimajax.face3d import coefficient_files
 from mimajax.faces import detection
@@ -50,7 +55,7 @@ SKIP_REASONS = (
   "unreadable_video",  # no frame could be decoded, or fewer than the container declares (truncated, corrupt)
   "too_short",  # fewer than min_frames frames
   "coefficient_frames_mismatch",  # coefficient rows != decoded frames
-  "no_face",  # crop="detect" and the Haar cascade found no face
+  "no_face",  # crop="detect" and the face detector found no face
   "processing_error",  # anything else raised while processing the clip
 )
 MANIFEST = "manifest.json"
@@ -208,13 +213,16 @@ def _init_worker(progress_queue):
 
 
 def write_shard(task: ShardTask, on_video: Callable[[], None] | None = None) -> dict:
-  """Process the task's videos into `task.path` (via a .tmp name) and its stats .json; returns the stats."""
+  """Process the task's videos into `task.path` and its stats .json; returns the stats.
+
+  Both are written under temporary names of this attempt's own (`<name>.<attempt>.tmp`) and renamed into place, the
+  shard last: a Beam runner may retry a bundle or run it twice at once, and two attempts must never write one file.
+  Every attempt writes the same bytes, so whichever rename comes last leaves the same complete shard."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   on_video = on_video or (lambda: _PROGRESS.put(1) if _PROGRESS is not None else None)
-  tmp = task.path + ".tmp"
-  if os.path.exists(tmp):
-    os.remove(tmp)  # a killed run's partial shard
+  attempt = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp = f"{task.path}.{attempt}.tmp"
   writer = ArrayRecordWriter(tmp, records.WRITER_OPTIONS)
   stats = dict(shard=os.path.basename(task.path), videos=[], record_frames=[], skipped=[], coefficient_dims={})
   try:
@@ -237,7 +245,7 @@ def write_shard(task: ShardTask, on_video: Callable[[], None] | None = None) -> 
       on_video()
   finally:
     writer.close()
-  stats_tmp = _stats_path(task.path) + ".tmp"
+  stats_tmp = f"{_stats_path(task.path)}.{attempt}.tmp"
   with open(stats_tmp, "w") as f:
     json.dump(stats, f)
   os.replace(stats_tmp, _stats_path(task.path))  # the shard last: its presence means complete
@@ -259,13 +267,17 @@ def _plan_digest(entries: list[clip_files.VideoEntry], options: PrepareOptions) 
 def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
             coefficients_dir: str | os.PathLike | None = None, options: PrepareOptions = PrepareOptions(),
             workers: int = 1, progress: bool = True, coefficients_source: str = "provided",
-            extract_motion: bool = False) -> dict:  # fmt: skip
+            extract_motion: bool = False, runner: str = "local", beam_args: tuple[str, ...] = ()) -> dict:  # fmt: skip
   """Prepare (or resume preparing) output_dir from input_dir; returns the manifest (also written as JSON).
+
+  runner: "local" (worker processes on this host) or a Beam runner of beam_runner.RUNNERS, with beam_args its
+  pipeline options ("--name=value"). Motion extraction, the plan and the manifest run here, on the driver.
 
   extract_motion: first write MediaPipe coefficients for the clips without any (motion_extraction.py, with this
   crop), copy its face_model.npz into output_dir, and record the source as "mediapipe" ("provided+mediapipe"
   when some clips brought their own).
   """
+  beam_runner.check_runner(runner, beam_args, (input_dir, output_dir, coefficients_dir))
   face_model = None
   if extract_motion:
     from data_pipeline import motion_extraction as extraction
@@ -293,6 +305,8 @@ def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
       )
   else:
     plan_path.write_text(json.dumps(plan, indent=1))
+  for leftover in out.glob("*.tmp"):  # a killed run's partial files; no attempt of this run has started yet
+    leftover.unlink()
   identities = sorted({e.speaker for e in entries})
   vocab = {s: i for i, s in enumerate(identities)}
   count = math.ceil(len(entries) / options.shard_size)
@@ -301,7 +315,10 @@ def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     chunk = tuple(entries[k * options.shard_size : (k + 1) * options.shard_size])
     tasks.append(ShardTask(k, str(out / shard_name(k, count)), chunk, tuple(vocab[e.speaker] for e in chunk), options))
   todo = [t for t in tasks if not shard_done(t.path)]
-  _run(todo, workers, progress, total=len(entries), initial=len(entries) - sum(len(t.entries) for t in todo))
+  if runner == "local":
+    _run(todo, workers, progress, total=len(entries), initial=len(entries) - sum(len(t.entries) for t in todo))
+  else:
+    beam_runner.run_shards(todo, write_shard, runner, beam_args, workers)
   manifest = build_manifest(out, tasks, identities, plan, coefficients_source)
   if face_model:  # the landmark 3DMM that renders the extracted coefficients travels with the dataset
     shutil.copyfile(face_model, out / FACE_MODEL)
@@ -394,6 +411,12 @@ def add_arguments(p) -> None:
     action="store_true",
     help="first extract MediaPipe motion coefficients for clips without any (mimajax extract-motion)",
   )
+  p.add_argument("--runner", default="local", choices=list(beam_runner.RUNNERS),
+                 help="local: worker processes on this host; direct|dataflow|flink|spark: an Apache Beam pipeline, "
+                      "one shard per task (input and output on a filesystem every worker sees)")  # fmt: skip
+  p.add_argument("beam_args", nargs="*", metavar="BEAM_OPTION",
+                 help="after `--`: Beam pipeline options for --runner other than local, e.g. -- --project=P "
+                      "--region=R --temp_location=gs://B/tmp --setup_file=./setup.py")  # fmt: skip
   p.add_argument("--no-progress", action="store_true")
 
 
@@ -406,7 +429,8 @@ def run(args) -> int:
     options = PrepareOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareOptions)})
     manifest = prepare(args.input, args.output, coefficients_dir=args.coefficients, options=options,
                        workers=args.workers, progress=not args.no_progress,
-                       coefficients_source=args.coefficients_source, extract_motion=args.extract_motion)  # fmt: skip
+                       coefficients_source=args.coefficients_source, extract_motion=args.extract_motion,
+                       runner=args.runner, beam_args=tuple(args.beam_args))  # fmt: skip
   except ValueError as e:
     return cli_errors.report(prog, e, code=cli_errors.BAD_INPUT)
   c = manifest["counts"]

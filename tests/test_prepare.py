@@ -249,7 +249,7 @@ def test_resume_after_sigkill_equals_a_clean_run(tmp_path):
     while len(list(out.glob("*.array_record"))) < 4 and time.time() < deadline:
       time.sleep(0.05)
     assert proc.poll() is None, "prepare ended before the kill"
-    assert (out / "records-00004-of-00005.array_record.tmp").exists()  # the shard it was writing
+    assert list(out.glob("records-00004-of-00005.array_record.*.tmp"))  # the shard it was writing
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -380,3 +380,69 @@ def test_prepare_exits_1_naming_the_skips_when_every_video_is_skipped(tmp_path, 
   last = captured.err.strip().splitlines()[-1]
   assert last.startswith("mimajax prepare: error: all 2 videos were skipped")
   assert "unreadable_video: 1" in last and "missing_coefficients: 1" in last and "manifest.json" in last
+
+
+def _demo_and_bad_inputs(root):
+  """The demo's clips (placeholder coefficients) plus the bad inputs of the must-show: an unreadable video, NaN
+  coefficients, a frame-count mismatch."""
+  from data_pipeline import demo_data
+
+  demo_data.write_demo_videos(root)
+  (root / "bad/unreadable").mkdir(parents=True)
+  (root / "bad/unreadable/00001.mp4").write_bytes(b"not a video at all" * 10)
+  np.save(root / "bad/unreadable/00001.npy", np.zeros((10, 257), np.float32))
+  add_clip(root, "bad/nan/00001", 10)
+  nan = np.zeros((10, 257), np.float32)
+  nan[3, 7] = np.nan
+  np.save(root / "bad/nan/00001.npy", nan)
+  add_clip(root, "bad/mismatch/00001", 10)
+  np.save(root / "bad/mismatch/00001.npy", np.zeros((12, 257), np.float32))
+
+
+def test_beam_direct_runner_writes_the_local_runners_bytes_and_skip_counts(tmp_path):
+  pytest.importorskip("apache_beam")
+  src = tmp_path / "in"
+  _demo_and_bad_inputs(src)
+  options = prepare.PrepareOptions(resolution=32, frames_per_record=16, shard_size=2)
+  local = prepare.prepare(src, tmp_path / "local", options=options, progress=False)
+  direct = prepare.prepare(src, tmp_path / "direct", options=options, progress=False, runner="direct")
+  assert local["counts"]["videos"] >= 3 and local["counts"]["records"] > 3
+  assert {s["video_id"]: s["reason"] for s in local["skipped"]} == {
+    "bad/unreadable/00001": "unreadable_video",
+    "bad/nan/00001": "nan_coefficients",
+    "bad/mismatch/00001": "coefficient_frames_mismatch",
+  }
+  assert direct == local  # counts, skip reasons and messages, shard list
+  assert len(shard_bytes(tmp_path / "local")) > 1
+  assert shard_bytes(tmp_path / "direct") == shard_bytes(tmp_path / "local")
+  for name in ("manifest.json", "plan.json", *(p.name for p in (tmp_path / "local").glob("records-*.json"))):
+    assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+  assert not list((tmp_path / "direct").glob("*.tmp"))
+
+  # A re-run resumes: a deleted shard (and only it) is written again, to the same bytes.
+  victim = sorted((tmp_path / "direct").glob("*.array_record"))[1]
+  kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "direct").glob("*.array_record") if p != victim}
+  victim.unlink()
+  (tmp_path / "direct" / (victim.name + ".123-dead.tmp")).write_bytes(b"half a shard of a killed attempt")
+  # (in two worker processes: --workers 2 is DirectRunner's multi_processing mode)
+  again = prepare.prepare(src, tmp_path / "direct", options=options, progress=False, runner="direct", workers=2)
+  assert again == local and shard_bytes(tmp_path / "direct") == shard_bytes(tmp_path / "local")
+  assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "direct").glob("*.array_record") if p != victim} == kept
+  assert not list((tmp_path / "direct").glob("*.tmp"))
+
+
+def test_beam_runner_options_are_checked_before_any_work(tmp_path, capsys):
+  src = tmp_path / "in"
+  add_clip(src, "id1/v/00001", 4)
+  cases = [
+    (["--runner", "local", "--", "--project=p"], "apply only to --runner direct"),
+    (["--runner", "direct", "--", "project=p"], "expected the form --name=value"),
+    (["--runner", "direct", "--", "--runner=DataflowRunner"], "mimajax's own --runner"),
+  ]
+  for extra, message in cases:
+    code = cli.main(["prepare", "--input", str(src), "--output", str(tmp_path / "out"), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, (extra, err)
+  code = cli.main(["prepare", "--input", str(src), "--output", "gs://bucket/out", "--runner", "dataflow"])
+  assert code == 2 and "a URL; every Beam worker must see" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
