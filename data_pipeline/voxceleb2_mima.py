@@ -17,6 +17,11 @@ an inner `mp4/` is looked through) giving the train and test splits, or the layo
   records.from_tfds_example(source[0])  # one example as a records.Record
 
 Clips that cannot be used are skipped with a logged reason (as in `mimajax prepare`).
+
+At scale the builder runs on Apache Beam (`data_source(..., beam_options=["--runner=DataflowRunner", ...])`, or
+the builder kwarg `beam=True` with TFDS's `DownloadConfig(beam_options=...)`): `_generate_examples` is then the
+PTransform Create(clips) -> Reshuffle -> FlatMap(the same per-clip function), and TFDS's Beam writer shards the
+examples; the examples are the same as without Beam (a test checks this on the DirectRunner).
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ class Voxceleb2Mima(tfds.core.GeneratorBasedBuilder):
   (one row per frame, 257 or 261 columns) beside each clip or under manual_dir/coefficients/.
   """
 
-  def __init__(self, *, file_format=None, **kwargs):
+  def __init__(self, *, file_format=None, beam: bool = False, **kwargs):
+    self._beam = beam  # before super(): TFDS may inspect the generator while initialising
     super().__init__(file_format=file_format or "array_record", **kwargs)  # random access for Grain
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -102,28 +108,46 @@ class Voxceleb2Mima(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, entries, vocab):
     options = self.builder_config.prepare_options()
-    for entry in entries:
-      try:
-        recs = prepare.process_video(entry, vocab[entry.speaker], options)
-      except prepare.SkipVideo as e:
-        log.warning("skipped %s: %s", entry.video_id, e)
-        continue
-      for rec in recs:
-        yield f"{rec.video_id}:{int(rec.frame_indices[0])}", records.to_tfds_example(rec)
+    if self._beam:
+      import apache_beam as beam
+
+      return (
+        beam.Create(list(entries), reshuffle=False)
+        | beam.Reshuffle()  # spread the clips over the workers (Create alone would fuse them into one bundle)
+        | beam.FlatMap(clip_examples, vocab=vocab, options=options)
+      )
+    return (example for entry in entries for example in clip_examples(entry, vocab, options))
+
+
+def clip_examples(entry: clip_files.VideoEntry, vocab: dict[str, int], options: prepare.PrepareOptions):
+  """One clip's (key, example) pairs, one per record; none (with the reason logged) for a clip that is skipped."""
+  try:
+    recs = prepare.process_video(entry, vocab[entry.speaker], options)
+  except prepare.SkipVideo as e:
+    log.warning("skipped %s: %s", entry.video_id, e)
+    return []
+  return [(f"{rec.video_id}:{int(rec.frame_indices[0])}", records.to_tfds_example(rec)) for rec in recs]
 
 
 def data_source(data_dir: str | os.PathLike, *, split: str = "train", config: str = "512",
-                manual_dir: str | os.PathLike | None = None):  # fmt: skip
-  """tfds.data_source for this builder (preparing it from manual_dir if needed)."""
-  kwargs = {}
+                manual_dir: str | os.PathLike | None = None, beam_options: list[str] | None = None):  # fmt: skip
+  """tfds.data_source for this builder (preparing it from manual_dir if needed).
+
+  beam_options: prepare it with Apache Beam, with these pipeline options (["--runner=DirectRunner"], or Dataflow's,
+  Flink's or Spark's; docs/scale_plan.md); None prepares it in this process."""
+  kwargs, builder_kwargs = {}, {"file_format": "array_record"}
   if manual_dir is not None:
-    kwargs["download_and_prepare_kwargs"] = {
-      "download_config": tfds.download.DownloadConfig(manual_dir=str(manual_dir))
-    }
+    config_kwargs = dict(manual_dir=str(manual_dir))
+    if beam_options is not None:
+      from apache_beam.options.pipeline_options import PipelineOptions
+
+      config_kwargs["beam_options"] = PipelineOptions(list(beam_options))
+      builder_kwargs["beam"] = True
+    kwargs["download_and_prepare_kwargs"] = {"download_config": tfds.download.DownloadConfig(**config_kwargs)}
   return tfds.data_source(
     f"voxceleb2_mima/{config}",
     split=split,
     data_dir=str(data_dir),
-    builder_kwargs={"file_format": "array_record"},
+    builder_kwargs=builder_kwargs,
     **kwargs,
   )

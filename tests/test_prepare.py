@@ -446,3 +446,23 @@ def test_beam_runner_options_are_checked_before_any_work(tmp_path, capsys):
   code = cli.main(["prepare", "--input", str(src), "--output", "gs://bucket/out", "--runner", "dataflow"])
   assert code == 2 and "a URL; every Beam worker must see" in capsys.readouterr().err
   assert not (tmp_path / "out").exists()
+
+
+def test_tfds_builder_on_beam_gives_the_examples_it_gives_without(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  pytest.importorskip("apache_beam")
+  from data_pipeline import voxceleb2_mima
+
+  manual = tmp_path / "manual"
+  for i in range(3):
+    add_clip(manual / "dev/mp4", f"id0000{i}/vid/00001", 14 + i, seed=i)
+  add_clip(manual / "dev/mp4", "id00009/short/00001", 5, seed=9)  # skipped on both paths (min_frames=13)
+
+  def examples(source):
+    recs = sorted((records.from_tfds_example(source[i]) for i in range(len(source))), key=lambda r: r.video_id)
+    return [records.encode_record(r) for r in recs]
+
+  plain = voxceleb2_mima.data_source(tmp_path / "plain", split="train", config="256", manual_dir=manual)
+  beam = voxceleb2_mima.data_source(tmp_path / "beam", split="train", config="256", manual_dir=manual,
+                                    beam_options=["--runner=DirectRunner"])  # fmt: skip
+  assert len(plain) == 3 and examples(beam) == examples(plain)
