@@ -70,37 +70,35 @@ def pipeline_options(runner: str, beam_args: Sequence[str], workers: int):
   return PipelineOptions(args)
 
 
-class _WriteShard:
-  """write_shard on a worker, with Beam counters (videos done, skips per reason) that a runner's UI shows."""
+def _counted(work: Callable):
+  """work(task) -> {counter: increment} on a worker, the counters as Beam metrics ("mimajax" namespace) that a
+  runner's monitoring shows (videos processed, skips per reason, records written)."""
 
-  def __init__(self, write_shard: Callable):
-    self.write_shard = write_shard  # a module-level function: pickled by reference, imported on the worker
-
-  def __call__(self, task):
+  def run(task):
     from apache_beam.metrics import Metrics
 
-    videos = Metrics.counter("prepare", "videos_processed")
-    stats = self.write_shard(task, on_video=videos.inc)
-    Metrics.counter("prepare", "shards_written").inc()
-    for s in stats["skipped"]:
-      Metrics.counter("prepare", f"skipped_{s['reason']}").inc()
-    return stats["shard"]
+    for name, n in (work(task) or {}).items():
+      Metrics.counter("mimajax", name).inc(n)
+    return None
+
+  return run
 
 
-def run_shards(tasks: Sequence, write_shard: Callable, runner: str, beam_args: Sequence[str] = (),
-               workers: int = 1) -> None:  # fmt: skip
-  """Run write_shard(task, on_video=...) on every task with a Beam pipeline on `runner` (prepare.write_shard; passed
-  in, so this module does not import prepare); returns when the pipeline has finished (a failed pipeline raises,
-  and the shards it completed stay, so a re-run resumes)."""
+def run_shards(tasks: Sequence, work: Callable, runner: str, beam_args: Sequence[str] = (), workers: int = 1,
+               name: str = "prepare") -> None:  # fmt: skip
+  """Run work(task) (a picklable callable that writes one shard and returns its counters) on every task with a
+  Beam pipeline on `runner`; returns when the pipeline has finished (a failed pipeline raises, and the shards it
+  completed stay, so a re-run resumes). `work` is passed in, so this module imports no job; one that needs a
+  heavy resource (the latent cache's VAE) builds it on its first call on each worker and keeps it."""
   if not tasks:
     return
   import apache_beam as beam
 
-  log.info("prepare: %d shards on Beam's %s", len(tasks), BEAM_RUNNERS[runner])
+  log.info("%s: %d shards on Beam's %s", name, len(tasks), BEAM_RUNNERS[runner])
   with beam.Pipeline(options=pipeline_options(runner, beam_args, workers)) as p:
     _ = (
       p
       | "ShardTasks" >> beam.Create(list(tasks), reshuffle=False)
       | "SpreadOverWorkers" >> beam.Reshuffle()
-      | "WriteShard" >> beam.Map(_WriteShard(write_shard))
+      | "WriteShard" >> beam.Map(_counted(work))
     )

@@ -253,6 +253,15 @@ def write_shard(task: ShardTask, on_video: Callable[[], None] | None = None) -> 
   return stats
 
 
+def beam_write_shard(task: ShardTask) -> dict[str, int]:
+  """write_shard on a Beam worker; its counters (beam_runner.run_shards makes them Beam metrics)."""
+  stats = write_shard(task, on_video=lambda: None)
+  counters = {"shards_written": 1, "videos_processed": len(stats["videos"]) + len(stats["skipped"])}
+  for s in stats["skipped"]:
+    counters[f"skipped_{s['reason']}"] = counters.get(f"skipped_{s['reason']}", 0) + 1
+  return counters
+
+
 def _plan_digest(entries: list[clip_files.VideoEntry], options: PrepareOptions) -> dict:
   digest = hashlib.sha256("\n".join(e.video_id for e in entries).encode()).hexdigest()
   opts = dataclasses.asdict(options)
@@ -318,7 +327,7 @@ def prepare(input_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
   if runner == "local":
     _run(todo, workers, progress, total=len(entries), initial=len(entries) - sum(len(t.entries) for t in todo))
   else:
-    beam_runner.run_shards(todo, write_shard, runner, beam_args, workers)
+    beam_runner.run_shards(todo, beam_write_shard, runner, beam_args, workers)
   manifest = build_manifest(out, tasks, identities, plan, coefficients_source)
   if face_model:  # the landmark 3DMM that renders the extracted coefficients travels with the dataset
     shutil.copyfile(face_model, out / FACE_MODEL)

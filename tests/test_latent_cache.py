@@ -102,12 +102,12 @@ def test_a_rerun_skips_complete_shards_and_redoes_a_partial_one(cache):
   root, cmd, _ = cache
   shard = sorted((root / "cache").glob("*.array_record"))[0]
   before = shard.read_bytes()
-  Path(str(shard) + ".tmp").write_bytes(b"partial")  # a killed run's leftover
+  Path(str(shard) + ".123-dead.tmp").write_bytes(b"partial")  # a killed attempt's leftover
   shard.with_suffix(".json").unlink()  # its stats file lost: the shard counts as not done
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   assert " written=1 " in out.stdout and shard.read_bytes() == before
-  assert not Path(str(shard) + ".tmp").exists()
+  assert not list((root / "cache").glob("*.tmp"))
   over = list(cmd)
   over[over.index("--out") + 1] = str(root / "data")
   bad = subprocess.run(over, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -192,3 +192,17 @@ def test_bench_train_prints_equal_losses_and_the_ratio_last(cache):
   assert lines[-1].startswith("ratio=") and float(lines[-1][6:]) > 0
   bad = subprocess.run(cmd[:-4] + ["--data", str(root / "data")], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "not a latent cache" in bad.stderr, bad.stderr
+
+
+def test_beam_direct_runner_writes_the_local_caches_bytes(cache, tmp_path):
+  pytest.importorskip("apache_beam")
+  root, cmd, _ = cache
+  beam = list(cmd)
+  beam[beam.index("--out") + 1] = str(tmp_path / "beam")
+  out = subprocess.run(beam + ["--runner", "direct"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  local = sorted(p.name for p in (root / "cache").iterdir())
+  assert sorted(p.name for p in (tmp_path / "beam").iterdir()) == local
+  assert any(name.endswith(".array_record") for name in local)
+  for name in local:  # shards, stats, latents.json and the manifest
+    assert (tmp_path / "beam" / name).read_bytes() == (root / "cache" / name).read_bytes(), name

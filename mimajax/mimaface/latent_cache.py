@@ -18,6 +18,7 @@ The log says which.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from pathlib import Path
@@ -83,6 +84,30 @@ def make_encoder(vae, face_model, resolution: int, shading: str, batch: int):
   return run
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderFactory:
+  """What a Beam worker needs to build the encoder itself (paths and settings: a few bytes to pickle, where the VAE
+  would be hundreds of MiB): the VAE folder, its compute dtype, the face model, the resolution, shading, batch."""
+
+  vae: str
+  compute_dtype: str
+  data: str
+  face_model: str | None
+  resolution: int
+  shading: str
+  batch: int
+
+  def __call__(self):
+    import jax.numpy as jnp
+
+    from mimajax.convert import diffusers_format
+    from mimajax.mimaface import vae_stage
+
+    vae = diffusers_format.load_vae(vae_stage.vae_folder(self.vae), dtype=jnp.dtype(self.compute_dtype))
+    face_model = _face_model(Path(self.data), self.face_model)
+    return make_encoder(vae, face_model, self.resolution, self.shading, self.batch)
+
+
 def _face_model(data: Path, path: str | None):
   from mimajax.face3d import load_face_model, synthetic_model
   from mimajax.mimaface import pretrained
@@ -107,6 +132,13 @@ def add_arguments(p) -> None:
   p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored latents")
   p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                  help="the VAE compute dtype: the run's config.model.dtype (sd15 configs: bfloat16)")  # fmt: skip
+  from data_pipeline import beam_runner
+
+  p.add_argument("--runner", default="local", choices=list(beam_runner.RUNNERS),
+                 help="local: encode here; direct|dataflow|flink|spark: the shards as an Apache Beam pipeline, each "
+                      "worker loading --vae itself (paths every worker sees)")  # fmt: skip
+  p.add_argument("--workers", type=int, default=1, help="--runner direct: worker processes")
+  p.add_argument("beam_args", nargs="*", metavar="BEAM_OPTION", help="after `--`: Beam pipeline options")
   p.add_argument("--no-progress", action="store_true")
 
 
@@ -148,9 +180,15 @@ def _run(args) -> int:
     reader.close()
   info = dict(vae=str(Path(args.vae).absolute()), vae_digest=vae_digest(vae), compute_dtype=compute_dtype(vae),
               face_model_digest=pretrained.face_model_digest(face_model), shading=args.shading)  # fmt: skip
-  encode = make_encoder(vae, face_model, resolution, args.shading, args.batch)
+  factory = EncoderFactory(str(Path(args.vae).absolute()), args.compute_dtype, str(data.absolute()),
+                           args.face_model and str(Path(args.face_model).absolute()), resolution, args.shading,
+                           args.batch)  # fmt: skip
+  local = args.runner == "local"
+  encode = make_encoder(vae, face_model, resolution, args.shading, args.batch) if local else None
   totals = latent_cache.cache_latents(data, args.out, encode, info=info, resolution=resolution, dtype=args.dtype,
-                                      progress=not args.no_progress)  # fmt: skip
+                                      progress=not args.no_progress, runner=args.runner,
+                                      beam_args=tuple(args.beam_args), workers=args.workers,
+                                      make_encoder=None if local else factory)  # fmt: skip
   print(f"shards={totals['shards']} written={totals['written']} records={totals['records']} "
         f"frames={totals['frames']} resolution={resolution} out={args.out}")  # fmt: skip
   return 0
